@@ -1,0 +1,65 @@
+"""Celery settings for every GPT4People process, read with ``app.config_from_object``.
+
+Each reliability setting says which failure it covers. Values that operators
+tune come from `workers.settings` (GPT4P_*), never from a second place.
+"""
+
+from kombu import Queue
+
+from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK
+from workers.redis_server import resolve_redis_url
+from workers.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = resolve_redis_url(_settings)
+result_backend = broker_url
+
+# JSON only: a pickled message from anyone who can write to Redis would run code.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_queues = [Queue(INFERENCE_QUEUE, routing_key=INFERENCE_QUEUE)]
+task_default_queue = INFERENCE_QUEUE
+task_routes = {INFERENCE_TASK: {"queue": INFERENCE_QUEUE}}
+
+# Acknowledge after the answer exists, not on receipt: a worker that dies
+# mid-generation leaves the job in Redis for another worker instead of losing it.
+task_acks_late = True
+# ... and when the pool process is killed (segfault in llama.cpp, OOM killer),
+# put the job back rather than failing it.
+task_reject_on_worker_lost = True
+# One job reserved per process: a long generation must not hold jobs hostage
+# that an idle worker elsewhere could answer now.
+worker_prefetch_multiplier = 1
+
+# A generation that runs away is asked to stop (soft), then its process is killed (hard).
+task_soft_time_limit = _settings.task_soft_time_limit
+task_time_limit = _settings.task_time_limit
+# Redis redelivers an unacknowledged job after this many seconds; it must be
+# longer than the longest task, or a slow answer would be generated twice.
+broker_transport_options = {"visibility_timeout": max(3600, 2 * _settings.task_time_limit)}
+result_backend_transport_options = {"visibility_timeout": max(3600, 2 * _settings.task_time_limit)}
+# Results are read once by the channel that waits for them; keep them for a day at most.
+result_expires = 24 * 3600
+result_extended = True
+
+# Loading a model in a fresh pool process takes longer than Celery's 4 s default.
+worker_proc_alive_timeout = 180.0
+# Keep trying to reach Redis at start-up and after outages instead of exiting.
+broker_connection_retry_on_startup = True
+broker_connection_timeout = 5.0
+redis_socket_connect_timeout = 5.0
+redis_socket_timeout = 30.0
+redis_retry_on_timeout = True
+broker_heartbeat = 0
+
+# Events for Flower and `celery events`.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+enable_utc = True
+timezone = "UTC"

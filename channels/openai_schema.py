@@ -1,0 +1,136 @@
+"""The request and response bodies of the OpenAI-compatible chat completions API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from workers.contract import ChatMessage, GenerationOptions, Reply
+
+
+class TextPart(BaseModel):
+    """A text part of a multi-part message content."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class RequestMessage(BaseModel):
+    """A message as OpenAI clients send it; ``developer`` counts as ``system``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def to_chat_message(self) -> ChatMessage:
+        """The contract's form of this message."""
+        if isinstance(self.content, list):
+            text = "\n".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=text)
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``; unknown fields are ignored as OpenAI's server does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[RequestMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
+            raise ValueError("at most 4 stop sequences of 1 to 64 characters")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_user(cls, messages: list[RequestMessage]) -> list[RequestMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user'")
+        return messages
+
+    def options(self) -> GenerationOptions:
+        """Generation options for the job."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return GenerationOptions(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=stops,
+            seed=self.seed,
+            stream=self.stream,
+        )
+
+
+def completion_id(job_id: str) -> str:
+    """The OpenAI-style id of the completion answering `job_id`."""
+    return f"chatcmpl-{job_id}"
+
+
+def completion_body(reply: Reply) -> dict[str, Any]:
+    """A ``chat.completion`` object for `reply`."""
+    return {
+        "id": completion_id(reply.job_id),
+        "object": "chat.completion",
+        "created": int(reply.created_at.timestamp()),
+        "model": reply.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text},
+                "finish_reason": "length" if reply.finish_reason == "length" else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        },
+    }
+
+
+def chunk_body(
+    job_id: str,
+    model: str,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` object for streaming."""
+    body: dict[str, Any] = {
+        "id": completion_id(job_id),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[
+    str, Any
+]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -1,0 +1,85 @@
+"""The web app: wires the channels' routes, health checks and error handling. No logic here.
+
+Run it with ``uvicorn channels.web:create_app --factory`` (``gpt4people up`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from channels.http import ApiError
+from channels.http import router as openai_router
+from channels.openai_schema import error_body
+from workers.app import celery_for
+from workers.redis_server import resolve_redis_url
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _describe(error: RequestValidationError) -> str:
+    problems = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+        problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application with every configured channel."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = aioredis.Redis.from_url(
+            resolve_redis_url(settings), socket_connect_timeout=5, health_check_interval=30
+        )
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+
+    app = FastAPI(title="GPT4People", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.celery = celery_for(settings)
+    app.include_router(openai_router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(_describe(error)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(error.detail)), status_code=error.status_code, headers=error.headers
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the web process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: Redis answers, so jobs can be accepted."""
+        try:
+            await request.app.state.redis.ping()
+        except aioredis.RedisError as error:
+            log.warning("not ready: Redis unreachable (%s)", error.__class__.__name__)
+            return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
+        return JSONResponse({"status": "ok", "redis": "up"})
+
+    return app

@@ -1,0 +1,134 @@
+"""The OpenAI-compatible HTTP channel, through the queue to a real worker."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from channels.web import create_app
+from workers.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(echo_web: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{echo_web}/v1", api_key="unused", timeout=30, max_retries=0)
+
+
+def test_the_openai_client_gets_a_completion(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="anything",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello through the queue"},
+        ],
+    )
+    assert completion.choices[0].message.content == "Hello through the queue"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "echo"
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+
+
+def test_the_openai_client_streams_a_completion(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "stream me please"}], stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "stream me please"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_multi_part_content_and_max_tokens(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "one two three four"}]}],
+        max_tokens=2,
+    )
+    assert completion.choices[0].message.content == "one two"
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_models_are_listed(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["echo"]
+
+
+def test_the_same_idempotency_key_is_one_job(echo_web: str) -> None:
+    body = {"messages": [{"role": "user", "content": "once"}]}
+    headers = {"Idempotency-Key": "order-42"}
+    first = httpx.post(f"{echo_web}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    second = httpx.post(f"{echo_web}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    other = httpx.post(f"{echo_web}/v1/chat/completions", json=body, timeout=30)
+    assert other.json()["id"] != first.json()["id"]
+
+
+BAD_BODIES = [
+    ("not json", b"{this is not json", "application/json"),
+    ("empty body", b"", "application/json"),
+    ("a list", b"[1, 2]", "application/json"),
+    ("form data", b"messages=hi", "application/x-www-form-urlencoded"),
+    ("no messages", b'{"model": "x"}', "application/json"),
+    ("empty messages", b'{"messages": []}', "application/json"),
+    ("unknown role", b'{"messages": [{"role": "wizard", "content": "hi"}]}', "application/json"),
+    ("ends with assistant", b'{"messages": [{"role": "assistant", "content": "hi"}]}',
+     "application/json"),
+    ("blank prompt", b'{"messages": [{"role": "user", "content": "  "}]}', "application/json"),
+    ("content not text", b'{"messages": [{"role": "user", "content": 42}]}', "application/json"),
+    ("temperature 9", b'{"temperature": 9, "messages": [{"role": "user", "content": "x"}]}',
+     "application/json"),
+    ("n of 3", b'{"n": 3, "messages": [{"role": "user", "content": "x"}]}', "application/json"),
+    ("bad utf-8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "application/json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body", "content_type"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_bodies_get_a_clear_400(echo_web: str, case: str, body: bytes, content_type: str) -> None:
+    response = httpx.post(f"{echo_web}/v1/chat/completions", content=body,
+                          headers={"content-type": content_type}, timeout=30)  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+def test_an_oversized_prompt_is_refused_politely(echo_web: str) -> None:
+    body = {"messages": [{"role": "user", "content": "x" * 6000}]}
+    response = httpx.post(f"{echo_web}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "limit is 5000" in response.json()["error"]["message"]
+
+
+def test_health_and_readiness(echo_web: str) -> None:
+    assert httpx.get(f"{echo_web}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{echo_web}/readyz").json()["redis"] == "up"
+
+
+def test_an_api_key_when_configured_is_required(echo_worker: str) -> None:
+    settings = Settings(redis_url=echo_worker, engine="echo", http_api_key="s3cret")
+    with TestClient(create_app(settings)) as web:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        assert web.post("/v1/chat/completions", json=body).status_code == 401
+        wrong = web.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401
+        assert web.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert web.get("/healthz").status_code == 200
+
+
+def test_redis_down_is_a_503_not_a_crash(unused_redis_url: str) -> None:
+    settings = Settings(redis_url=unused_redis_url, engine="echo")
+    with TestClient(create_app(settings)) as web:
+        assert web.get("/readyz").status_code == 503
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        response = web.post("/v1/chat/completions", json=body)
+        assert response.status_code == 503
+        assert "unavailable" in response.json()["error"]["message"]
+
+
+@pytest.fixture
+def unused_redis_url() -> str:
+    from workers.redis_server import free_port
+
+    return f"redis://127.0.0.1:{free_port()}/0"

@@ -1,0 +1,91 @@
+"""`gpt4people ask` and `status` as a user runs them, against real Redis and workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DB_NO_WORKER, base_env, redis_url, run_cli
+from workers.redis_server import RedisServer, free_port
+
+
+def test_ask_goes_through_the_queue_and_prints_the_reply(echo_env: dict[str, str],
+                                                         echo_worker: str) -> None:  # fmt: skip
+    done = run_cli(["ask", "Is anybody out there?"], echo_env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Is anybody out there?"
+
+
+def test_ask_json_shows_who_answered(echo_env: dict[str, str], echo_worker: str) -> None:
+    done = run_cli(["ask", "--json", "hello"], echo_env)
+    reply = json.loads(done.stdout)
+    assert reply["text"] == "hello"
+    assert reply["worker"] == "echo@test"
+    assert reply["channel"] == "cli"
+
+
+def test_ask_reads_the_prompt_from_stdin(echo_env: dict[str, str], echo_worker: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "ask", "-"], input="from a pipe\n",
+        env=echo_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.strip() == "from a pipe"
+
+
+def test_ask_against_a_stopped_redis_fails_clearly(state_dir: Path) -> None:
+    env = base_env(state_dir, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    done = run_cli(["ask", "hello"], env, timeout=60)
+    assert done.returncode == 3
+    assert "unreachable" in done.stderr
+    assert "gpt4people up" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ask_with_no_worker_times_out_clearly(redis_server: RedisServer, state_dir: Path) -> None:
+    env = base_env(state_dir, redis_url=redis_url(redis_server, DB_NO_WORKER))
+    done = run_cli(["ask", "--timeout", "1", "hello"], env, timeout=60)
+    assert done.returncode == 4
+    assert "no worker answered within 1s" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ask_refuses_an_empty_prompt(echo_env: dict[str, str]) -> None:
+    done = run_cli(["ask", "  "], echo_env, timeout=60)
+    assert done.returncode == 2
+    assert "nothing to ask" in done.stderr
+
+
+def test_status_shows_redis_workers_queues_and_model(echo_env: dict[str, str],
+                                                     echo_worker: str) -> None:  # fmt: skip
+    done = run_cli(["status", "--json"], echo_env)
+    report = json.loads(done.stdout)
+    assert report["redis"]["up"] is True
+    assert report["workers"]["echo@test"]["queues"] == ["inference"]
+    assert report["queues"]["inference"] == 0
+    assert report["model"] == "echo"
+    text = run_cli(["status"], echo_env).stdout
+    assert "echo@test" in text and "inference" in text
+
+
+def test_status_with_redis_down_says_so(state_dir: Path) -> None:
+    env = base_env(state_dir, redis_url=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    done = run_cli(["status"], env, timeout=60)
+    assert done.returncode == 3
+    assert "DOWN" in done.stdout
+    assert "hunter2" not in done.stdout  # the password is never printed
+
+
+@pytest.mark.model
+def test_ask_is_answered_by_the_real_model(model_env: dict[str, str], model_worker: str) -> None:
+    done = run_cli(["ask", "--json", "--seed", "3", "What is the capital of France?"], model_env)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["engine"] == "llama"
+    assert reply["model"] == "gemma-3-270m-q4_k_m"
+    assert reply["text"].strip()
+    assert reply["completion_tokens"] > 0

@@ -1,0 +1,69 @@
+"""The core never answers with nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from workers.contract import ChatMessage, GenerationOptions, Job
+from workers.core import BLANK_FALLBACK, answer
+from workers.engines import Generation, PromptTooLongError, TextSink
+from workers.engines.echo import EchoEngine
+
+
+class ScriptedEngine:
+    """Answers with the given texts in turn: the scripted engine for core behaviour."""
+
+    name = "scripted"
+    model_name = "scripted"
+
+    def __init__(self, *texts: str) -> None:
+        self.texts = list(texts)
+        self.calls: list[GenerationOptions] = []
+
+    def generate(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:  # fmt: skip
+        self.calls.append(options)
+        text = self.texts.pop(0)
+        if text == "TOO LONG":
+            raise PromptTooLongError("the message is 9000 tokens long")
+        return Generation(text, "stop", 3, len(text.split()))
+
+
+def job(prompt: str = "Hello?") -> Job:
+    return Job(channel="cli", user="ann", messages=[ChatMessage(role="user", content=prompt)],
+               reply_to="cli")  # fmt: skip
+
+
+def test_an_answer_is_stripped_and_carries_the_job() -> None:
+    the_job = job()
+    reply = answer(the_job, ScriptedEngine("  Hi there!\n"), worker="w1")
+    assert reply.text == "Hi there!"
+    assert (reply.job_id, reply.channel, reply.worker) == (the_job.id, "cli", "w1")
+
+
+def test_a_blank_generation_is_retried_with_other_sampling() -> None:
+    engine = ScriptedEngine(" \n ", "Paris.")
+    reply = answer(job(), engine)
+    assert reply.text == "Paris."
+    assert len(engine.calls) == 2
+    assert engine.calls[1].temperature and engine.calls[1].temperature > 0
+
+
+def test_two_blank_generations_become_a_polite_fallback() -> None:
+    reply = answer(job(), ScriptedEngine("", "\n\n"))
+    assert reply.text == BLANK_FALLBACK
+    assert reply.finish_reason == "fallback"
+
+
+def test_a_prompt_too_long_for_the_model_gets_a_polite_reply() -> None:
+    reply = answer(job(), ScriptedEngine("TOO LONG"))
+    assert "too long" in reply.text
+    assert reply.finish_reason == "fallback"
+
+
+def test_the_echo_engine_answers_with_the_prompt() -> None:
+    reply = answer(job("ping pong"), EchoEngine())
+    assert reply.text == "ping pong"
+    assert reply.engine == "echo"

@@ -1,0 +1,73 @@
+"""The llama.cpp engine with the real bundled model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from workers.contract import ChatMessage, GenerationOptions
+from workers.engines import PromptTooLongError
+from workers.engines.llama import LlamaEngine
+from workers.settings import Settings
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaEngine]:
+    yield LlamaEngine.load(Settings(engine="llama", n_ctx=512, n_threads=2, max_tokens=48))
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+def test_the_bundled_model_has_no_chat_template_so_a_transcript_is_used(
+    engine: LlamaEngine,
+) -> None:
+    assert engine.chat_template is None
+    assert engine.model_name == "gemma-3-270m-q4_k_m"
+
+
+def test_it_generates_text_and_streams_the_same_text(engine: LlamaEngine) -> None:
+    pieces: list[str] = []
+    generation = engine.generate(
+        ask("What is the capital of France?"), GenerationOptions(seed=7), pieces.append
+    )
+    assert generation.text.strip()
+    assert "".join(pieces) == generation.text
+    assert generation.prompt_tokens > 10
+    assert 0 < generation.completion_tokens <= 48
+    # The transcript's stop strings end the answer before a made-up next turn.
+    assert "\nUser:" not in generation.text
+
+
+def test_the_same_seed_gives_the_same_answer(engine: LlamaEngine) -> None:
+    options = GenerationOptions(seed=11, max_tokens=16)
+    first = engine.generate(ask("Name a colour."), options).text
+    assert engine.generate(ask("Name a colour."), options).text == first
+
+
+def test_max_tokens_caps_the_answer(engine: LlamaEngine) -> None:
+    generation = engine.generate(
+        ask("Tell me a long story about a dragon."),
+        GenerationOptions(max_tokens=4, seed=1, stop=[]),
+    )
+    assert generation.completion_tokens <= 5
+
+
+def test_old_turns_are_dropped_to_fit_the_context(engine: LlamaEngine) -> None:
+    history = []
+    for i in range(30):
+        history += [
+            ChatMessage(role="user", content=f"Remember the number {i} and a long sentence " * 3),
+            ChatMessage(role="assistant", content="I will remember it."),
+        ]
+    generation = engine.generate([*history, *ask("Which numbers?")], GenerationOptions(seed=1))
+    assert generation.prompt_tokens + generation.completion_tokens <= 512
+
+
+def test_a_single_message_longer_than_the_context_is_refused(engine: LlamaEngine) -> None:
+    with pytest.raises(PromptTooLongError, match="tokens long"):
+        engine.generate(ask("word " * 2000), GenerationOptions())

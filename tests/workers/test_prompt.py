@@ -1,0 +1,66 @@
+"""Prompts: the model's own chat template when it has one, a plain transcript otherwise."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.contract import ChatMessage
+from workers.prompt import ChatTemplateError, build_prompt
+
+SYSTEM = "Answer briefly."
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Gemma's template refuses a system turn, as several real templates do.
+NO_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def conversation() -> list[ChatMessage]:
+    return [
+        ChatMessage(role="user", content="Hi"),
+        ChatMessage(role="assistant", content="Hello! How can I help?"),
+        ChatMessage(role="user", content="What is 2+2?"),
+    ]
+
+
+def test_without_a_template_the_model_completes_a_transcript() -> None:
+    prompt = build_prompt(conversation(), SYSTEM, chat_template=None)
+    assert prompt.text.startswith(SYSTEM)
+    assert prompt.text.endswith("User: What is 2+2?\nAssistant:")
+    assert "User: Hi\nAssistant: Hello! How can I help?\n" in prompt.text
+    # The answer ends where the model starts writing the user's next turn.
+    assert "\nUser:" in prompt.stop
+    assert not prompt.templated
+
+
+def test_a_chat_template_is_rendered_with_the_generation_prompt() -> None:
+    prompt = build_prompt(conversation(), SYSTEM, chat_template=CHATML, eos_token="<|im_end|>")
+    assert prompt.text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
+    assert prompt.text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert "User:" not in prompt.text
+    assert prompt.stop == ("<|im_end|>",)
+    assert prompt.templated
+
+
+def test_a_template_without_system_role_gets_the_instruction_in_the_first_turn() -> None:
+    prompt = build_prompt(conversation(), SYSTEM, chat_template=NO_SYSTEM, bos_token="<bos>")
+    assert prompt.text.startswith("<bos><start_of_turn>user\nAnswer briefly.\n\nHi<end_of_turn>")
+    assert prompt.text.endswith("<start_of_turn>model\n")
+
+
+def test_a_broken_template_is_a_clear_error() -> None:
+    with pytest.raises(ChatTemplateError, match="chat template"):
+        build_prompt(conversation(), SYSTEM, chat_template="{% for m in messages %}")
+
+
+def test_a_callers_system_message_replaces_the_default() -> None:
+    messages = [ChatMessage(role="system", content="Talk like a pirate."), *conversation()]
+    prompt = build_prompt(messages, SYSTEM, chat_template=None)
+    assert prompt.text.startswith("Talk like a pirate.")
+    assert SYSTEM not in prompt.text

@@ -1,0 +1,58 @@
+"""Settings come from GPT4P_* variables; a wrong value is an error naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import base_env, run_cli
+from workers.settings import SettingsError, load_settings
+
+
+def test_defaults_need_no_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GPT4P_ENGINE", "GPT4P_MODEL_PATH", "GPT4P_REDIS_URL", "GPT4P_HTTP_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.engine == "llama"
+    assert settings.model_path is None
+    assert settings.http_port == 8000
+    assert settings.flower_port == 5555
+
+
+def test_values_are_read_and_converted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("GPT4P_ENGINE", "echo")
+    monkeypatch.setenv("GPT4P_N_CTX", "8192")
+    monkeypatch.setenv("GPT4P_MODEL_PATH", str(gguf))
+    monkeypatch.setenv("GPT4P_REDIS_URL", "rediss://:secret@redis.example:6380/2")
+    settings = load_settings()
+    assert (settings.engine, settings.n_ctx, settings.model_path) == ("echo", 8192, gguf)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GPT4P_N_CTX", "lots"),
+        ("GPT4P_N_CTX", "16"),
+        ("GPT4P_ENGINE", "gpt5"),
+        ("GPT4P_HTTP_PORT", "70000"),
+        ("GPT4P_MAX_TOKENS", "0"),
+        ("GPT4P_REDIS_URL", "http://localhost:6379"),
+        ("GPT4P_MODEL_PATH", "/nowhere/model.gguf"),
+    ],
+)
+def test_a_wrong_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_the_cli_reports_a_bad_setting_in_one_line(state_dir: Path) -> None:
+    done = run_cli(["status"], base_env(state_dir, n_threads="-3"), timeout=60)
+    assert done.returncode == 2
+    assert "GPT4P_N_THREADS" in done.stderr
+    assert "Traceback" not in done.stderr

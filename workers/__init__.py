@@ -1,0 +1,8 @@
+"""GPT4People workers: the Celery app (``celery -A workers ...``), the core and the engines."""
+
+from workers.app import app
+from workers import tasks as tasks  # registers the inference task with `app`
+
+celery = app
+
+__all__ = ["app", "celery"]

@@ -1,0 +1,29 @@
+"""The Celery application shared by every GPT4People process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from workers.redis_server import resolve_redis_url
+from workers.settings import Settings
+
+app = Celery("gpt4people")
+app.config_from_object("celeryconfig")
+
+
+def celery_for(settings: Settings) -> Celery:
+    """A client-side Celery app (same configuration) talking to the Redis of `settings`."""
+    client = Celery("gpt4people", set_as_current=False)
+    client.config_from_object("celeryconfig")
+    url = resolve_redis_url(settings)
+    client.conf.update(
+        broker_url=url,
+        result_backend=url,
+        # A channel waiting on Redis must answer its caller quickly (503), not retry
+        # for the 20 s a worker storing a result is allowed.
+        result_backend_transport_options={
+            **client.conf.result_backend_transport_options,
+            "retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        },
+    )
+    return client

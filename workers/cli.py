@@ -1,0 +1,198 @@
+"""The ``gpt4people`` command: up, ask, worker, status.
+
+Errors an operator can fix (a bad setting, Redis down, no worker) end with a
+one-line message and a distinct exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from workers.model_files import ModelNotFoundError
+from workers.settings import Settings, SettingsError, get_settings
+
+EXIT_SETTINGS = 2
+EXIT_REDIS = 3
+EXIT_TIMEOUT = 4
+EXIT_FAILED = 5
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr with an exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.model_files import resolve_model_path
+    from workers.redis_server import RedisUnavailableError
+    from workers.supervisor import run_stack
+
+    if args.workers and settings.engine == "llama":
+        resolve_model_path(settings)  # assemble the default model once, with progress, up front
+    try:
+        return run_stack(settings, args.workers)
+    except RedisUnavailableError as error:
+        raise CliError(str(error), EXIT_REDIS) from None
+
+
+def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.app import app
+    from workers.client import JobFailedError, JobTimeoutError, submit, wait_for_reply
+    from workers.contract import ChatMessage, GenerationOptions, Job
+    from workers.redis_server import RedisUnavailableError, ping
+
+    prompt = " ".join(args.prompt).strip()
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+    if not prompt:
+        raise CliError("nothing to ask: give a prompt, or - to read it from stdin", EXIT_SETTINGS)
+    if len(prompt) > settings.max_prompt_chars:
+        raise CliError(
+            f"the prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars} "
+            "(GPT4P_MAX_PROMPT_CHARS)",
+            EXIT_SETTINGS,
+        )
+    job = Job(
+        channel="cli",
+        user=getpass.getuser(),
+        messages=[ChatMessage(role="user", content=prompt)],
+        options=GenerationOptions(
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+        ),
+        reply_to="cli",
+    )
+    timeout = args.timeout or settings.job_timeout
+    try:
+        ping(str(app.conf.broker_url), timeout=3)
+        submit(app, job)
+        reply = wait_for_reply(app, job.id, timeout)
+    except RedisUnavailableError as error:
+        raise CliError(
+            f"{error}. Start the stack with `gpt4people up`, or set GPT4P_REDIS_URL.", EXIT_REDIS
+        ) from None
+    except JobTimeoutError as error:
+        raise CliError(
+            f"{error}; is a worker running? (`gpt4people status`)", EXIT_TIMEOUT
+        ) from None
+    except JobFailedError as error:
+        raise CliError(str(error), EXIT_FAILED) from None
+    if args.json:
+        print(reply.model_dump_json(indent=2))
+    else:
+        print(reply.text)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.contract import INFERENCE_QUEUE, gpu_queue
+
+    queues = [INFERENCE_QUEUE]
+    hostname = args.hostname or "worker@%h"
+    if args.gpu is not None:
+        # Must be set before llama.cpp is imported: the pool processes inherit it.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        queues.append(gpu_queue(args.gpu))
+        hostname = args.hostname or f"gpu{args.gpu}@%h"
+    if settings.engine == "llama":
+        from workers.model_files import resolve_model_path
+
+        resolve_model_path(settings)  # assemble the default model in the parent, once
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker",
+        "--queues", ",".join(queues),
+        "--hostname", hostname,
+        "--concurrency", str(args.concurrency or settings.worker_concurrency),
+        "--pool", "prefork",
+        "--loglevel", settings.log_level,
+        "--without-mingle", "--without-gossip",
+        "--task-events",
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.status import collect_status, format_status
+
+    report = collect_status(settings, timeout=args.timeout)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0 if report["redis"]["up"] else EXIT_REDIS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gpt4people``."""
+    parser = argparse.ArgumentParser(
+        prog="gpt4people",
+        description="A language model people reach by SMS, email, HTTP and the command line.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole stack in the foreground (Ctrl-C stops it)")
+    up.add_argument("--workers", type=int, default=1, help="inference workers (default 1; 0 ok)")
+    up.set_defaults(handler=_cmd_up)
+
+    ask = commands.add_parser("ask", help="send one prompt through the queue, print the reply")
+    ask.add_argument("prompt", nargs="+", help="the prompt; - reads it from stdin")
+    ask.add_argument("--max-tokens", type=int, help="cap on the answer's tokens")
+    ask.add_argument("--temperature", type=float, help="sampling temperature (0-2)")
+    ask.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
+    ask.add_argument("--timeout", type=float, help="seconds to wait (default GPT4P_JOB_TIMEOUT)")
+    ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ask.set_defaults(handler=_cmd_ask)
+
+    worker = commands.add_parser("worker", help="run one inference worker in the foreground")
+    worker.add_argument("--gpu", type=int, help="pin to this GPU and also consume its queue")
+    worker.add_argument("--hostname", help="Celery node name (default worker@%%h or gpuN@%%h)")
+    worker.add_argument("--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)")
+    worker.set_defaults(handler=_cmd_worker)
+
+    status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
+    status.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if getattr(args, "workers", 0) is not None and getattr(args, "workers", 0) < 0:
+        parser.error("--workers must be 0 or more")
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
+        parser.error("--max-tokens must be at least 1")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not 0 <= temperature <= 2:
+        parser.error("--temperature must be between 0 and 2")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gpt4people`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(args, parser)
+    try:
+        settings = get_settings()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return int(args.handler(args, settings))
+    except (SettingsError, ModelNotFoundError) as error:
+        print(f"gpt4people: {error}", file=sys.stderr)
+        return EXIT_SETTINGS
+    except CliError as error:
+        print(f"gpt4people: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Putting jobs on the queue and getting their replies back, as every channel does.
+
+`submit` is the one way a job enters the system. A job that carries an
+idempotency key from its source (Twilio's MessageSid, an email's Message-ID,
+an HTTP ``Idempotency-Key``) is enqueued once however often it arrives: the
+key is claimed in Redis with SET NX and later arrivals get the first job's id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
+from workers.redis_server import RedisUnavailableError, ping, redact_url
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_PREFIX = "gpt4p:idem:"
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+# Celery's Redis result backend stores a result under this key and publishes it on a
+# channel of the same name; waiting on the channel answers without polling.
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+class JobTimeoutError(TimeoutError):
+    """No worker answered the job in time."""
+
+
+class JobFailedError(RuntimeError):
+    """The worker could not answer the job; the message is safe to show a user."""
+
+
+def idempotency_key(job: Job) -> str | None:
+    """The Redis key that claims `job`'s source id, scoped to its channel."""
+    if not job.idempotency_key:
+        return None
+    return f"{IDEMPOTENCY_PREFIX}{job.channel}:{job.idempotency_key}"
+
+
+def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
+    """Enqueue `job` (once per idempotency key) and return the id whose reply to wait for."""
+    key = idempotency_key(job)
+    url = str(app.conf.broker_url)
+    ping(url, timeout=2)  # fail fast: Celery itself would retry for many seconds
+    try:
+        if key is not None:
+            client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+            try:
+                if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
+                    existing = client.get(key)
+                    if existing:
+                        log.info("duplicate of job %s ignored", existing.decode())
+                        return existing.decode()
+            finally:
+                client.close()
+        app.send_task(
+            INFERENCE_TASK,
+            args=[job.to_task_arg()],
+            task_id=job.id,
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except (redis.RedisError, OperationalError) as error:
+        raise RedisUnavailableError(
+            f"cannot enqueue: Redis at {redact_url(url)} is unreachable ({error})"
+        ) from None
+    return job.id
+
+
+def _reply_from_meta(meta: dict[str, Any]) -> Reply | None:
+    status = meta.get("status")
+    if status == "SUCCESS":
+        return Reply.model_validate(meta["result"])
+    if status in {"FAILURE", "REVOKED"}:
+        result = meta.get("result") or {}
+        kind = result.get("exc_type", status) if isinstance(result, dict) else status
+        if kind in {"SoftTimeLimitExceeded", "TimeLimitExceeded"}:
+            raise JobFailedError("the model took too long to answer")
+        raise JobFailedError(f"the worker could not answer ({kind})")
+    return None
+
+
+def wait_for_reply(app: Celery, job_id: str, timeout: float) -> Reply:
+    """Block until the reply to `job_id` exists (for the CLI)."""
+    result = AsyncResult(job_id, app=app)
+    try:
+        value = result.get(timeout=timeout, propagate=False, interval=0.05)
+    except CeleryTimeoutError:
+        raise JobTimeoutError(f"no worker answered within {timeout:g}s") from None
+    reply = _reply_from_meta({"status": result.state, "result": _failure_info(result, value)})
+    if reply is None:
+        raise JobTimeoutError(f"no worker answered within {timeout:g}s")
+    return reply
+
+
+def _failure_info(result: AsyncResult, value: Any) -> Any:
+    if result.state == "FAILURE":
+        return {"exc_type": type(value).__name__}
+    return value
+
+
+async def await_reply(client: aioredis.Redis, job_id: str, timeout: float) -> Reply:
+    """Wait without blocking the event loop until the reply to `job_id` is stored."""
+    key = RESULT_KEY_PREFIX + job_id
+    async with client.pubsub() as pubsub:
+        await pubsub.subscribe(key)
+        # Subscribed first, then read: a result stored in between is not missed.
+        raw = await client.get(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if raw is not None:
+                reply = _reply_from_meta(json.loads(raw))
+                if reply is not None:
+                    return reply
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise JobTimeoutError(f"no worker answered within {timeout:g}s")
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
+            )
+            raw = message["data"] if message else await client.get(key)

@@ -1,0 +1,57 @@
+"""Inference engines: the `Engine` protocol and the factory that picks one by setting.
+
+llama.cpp is imported only by `workers.engines.llama`, and only when the
+``llama`` engine is created, so that channels, helpers and the CLI stay light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from workers.contract import ChatMessage, GenerationOptions
+from workers.settings import Settings
+
+TextSink = Callable[[str], None]
+
+
+class PromptTooLongError(ValueError):
+    """The conversation does not fit the model's context window, even cut to its last turn."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What an engine produced for one prompt."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    """Something that answers a conversation; one instance per worker process."""
+
+    name: str
+    model_name: str
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:
+        """Complete the conversation; `on_text` receives the text as it is produced."""
+        ...
+
+
+def create_engine(settings: Settings) -> Engine:
+    """The engine named by GPT4P_ENGINE, loaded and ready."""
+    if settings.engine == "echo":
+        from workers.engines.echo import EchoEngine
+
+        return EchoEngine()
+    from workers.engines.llama import LlamaEngine
+
+    return LlamaEngine.load(settings)

@@ -1,0 +1,130 @@
+"""The llama.cpp engine: the one module in GPT4People that imports ``llama_cpp``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from llama_cpp import Llama
+
+from workers.contract import ChatMessage, GenerationOptions
+from workers.engines import Generation, PromptTooLongError, TextSink
+from workers.model_files import model_label, resolve_model_path
+from workers.prompt import PromptText, build_prompt
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LlamaEngine:
+    """One GGUF model loaded into this process; generates one answer at a time."""
+
+    name = "llama"
+
+    def __init__(self, llm: Llama, settings: Settings, model_name: str) -> None:
+        self._llm = llm
+        self._settings = settings
+        self._lock = threading.Lock()
+        self.model_name = model_name
+        self.chat_template: str | None = llm.metadata.get("tokenizer.chat_template") or None
+        self.bos_token = self._token_text(llm.token_bos())
+        self.eos_token = self._token_text(llm.token_eos())
+
+    @classmethod
+    def load(cls, settings: Settings, path: Path | None = None) -> LlamaEngine:
+        """Load the configured GGUF (GPT4P_MODEL_PATH or the bundled default)."""
+        path = path or resolve_model_path(settings)
+        started = time.monotonic()
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads or os.cpu_count() or 1,
+            n_gpu_layers=settings.n_gpu_layers,
+            seed=settings.seed if settings.seed is not None else 0xFFFFFFFF,
+            verbose=False,
+        )
+        log.info(
+            "model loaded: %s in %.2fs (n_ctx=%d, gpu_layers=%d)",
+            path.name, time.monotonic() - started, settings.n_ctx, settings.n_gpu_layers,
+        )  # fmt: skip
+        return cls(llm, settings, model_label(settings))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+    def _tokens(self, prompt: PromptText) -> list[int]:
+        text = prompt.text
+        # A template that writes the BOS token itself must not get a second one.
+        add_bos = not (self.bos_token and text.startswith(self.bos_token))
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=prompt.templated)
+
+    def _fit(
+        self, messages: Sequence[ChatMessage], max_tokens: int
+    ) -> tuple[PromptText, list[int], int]:
+        """Drop the oldest turns until the prompt and the answer fit the context window."""
+        n_ctx = self._settings.n_ctx
+        turns = list(messages)
+        while True:
+            prompt = build_prompt(
+                turns,
+                self._settings.system_prompt,
+                self.chat_template,
+                self.bos_token,
+                self.eos_token,
+            )
+            tokens = self._tokens(prompt)
+            room = n_ctx - len(tokens)
+            if room >= min(max_tokens, 16):
+                return prompt, tokens, min(max_tokens, room)
+            if len(turns) <= 1 or (len(turns) == 2 and turns[0].role == "system"):
+                raise PromptTooLongError(
+                    f"the message is {len(tokens)} tokens long; this model reads at most "
+                    f"{n_ctx - 16}"
+                )
+            first_dialogue = 1 if turns[0].role == "system" else 0
+            del turns[first_dialogue]
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:
+        """Complete the conversation with llama.cpp, streaming text into `on_text`."""
+        settings = self._settings
+        wanted = min(options.max_tokens or settings.max_tokens, settings.max_tokens)
+        with self._lock:
+            prompt, tokens, max_tokens = self._fit(messages, wanted)
+            stream = self._llm.create_completion(
+                tokens,
+                max_tokens=max_tokens,
+                temperature=settings.temperature if options.temperature is None
+                else options.temperature,
+                top_p=options.top_p if options.top_p is not None else 0.95,
+                stop=[*prompt.stop, *options.stop],
+                seed=options.seed if options.seed is not None else settings.seed,
+                stream=True,
+            )
+            pieces: list[str] = []
+            finish: str | None = None
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    pieces.append(choice["text"])
+                    if on_text is not None:
+                        on_text(choice["text"])
+                finish = choice.get("finish_reason") or finish
+            text = "".join(pieces)
+            completion_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
+        return Generation(
+            text=text,
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=len(tokens),
+            completion_tokens=completion_tokens,
+        )

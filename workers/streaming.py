@@ -1,0 +1,24 @@
+"""Text as it is generated, published on a Redis channel per job for streaming clients."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+STREAM_PREFIX = "gpt4p:stream:"
+
+
+def stream_channel(job_id: str) -> str:
+    """The pub/sub channel carrying `job_id`'s text deltas."""
+    return STREAM_PREFIX + job_id
+
+
+def encode_event(kind: Literal["delta", "restart"], text: str = "") -> str:
+    """One streaming event as JSON: a text delta, or a restart after the job was requeued."""
+    return json.dumps({"kind": kind, "text": text})
+
+
+def decode_event(raw: bytes | str) -> tuple[str, str]:
+    """The (kind, text) of a streaming event."""
+    data = json.loads(raw)
+    return str(data["kind"]), str(data.get("text", ""))

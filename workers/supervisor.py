@@ -1,0 +1,198 @@
+"""`gpt4people up`: the whole stack as child processes of one foreground command.
+
+Every child runs in its own session (process group), so that stopping the
+stack also stops what the children started (Celery's pool processes) and a
+Ctrl-C in the terminal reaches only the supervisor, which then stops the
+children in order: the web app first (no new jobs), then Flower and the
+workers, Redis last (so workers finish cleanly and the append-only file is
+flushed). Anything still alive after the grace period is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from workers.redis_server import (
+    RedisServer,
+    ping,
+    redact_url,
+    remove_runtime_url,
+    write_runtime_url,
+)
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 20.0
+KILL_WAIT_S = 5.0
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        """Start it in a session of its own."""
+        self.process = subprocess.Popen(
+            self.command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        """Whether it is still running."""
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        """Send `signum` to its whole process group."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class Stack:
+    """The processes of one `gpt4people up`."""
+
+    settings: Settings
+    workers: int
+    redis_url: str | None = None
+    redis: RedisServer | None = None
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+
+    def plan(self) -> list[Child]:
+        """The children to start, in start order."""
+        python = sys.executable
+        children = [
+            Child(
+                f"worker{i}",
+                [python, "-m", "workers.cli", "worker", "--hostname", f"worker{i}@%h"],
+            )
+            for i in range(1, self.workers + 1)
+        ]
+        children.append(
+            Child(
+                "web",
+                [
+                    python, "-m", "uvicorn", "channels.web:create_app", "--factory",
+                    "--host", self.settings.http_host, "--port", str(self.settings.http_port),
+                    "--log-level", self.settings.log_level.lower(), "--no-access-log",
+                    "--timeout-graceful-shutdown", "10",
+                ],
+            )
+        )  # fmt: skip
+        children.append(
+            Child(
+                "flower",
+                [
+                    python, "-m", "celery", "-A", "workers", "flower",
+                    f"--port={self.settings.flower_port}", f"--address={self.settings.http_host}",
+                    "--loglevel=WARNING",
+                ],
+            )
+        )  # fmt: skip
+        return children
+
+    def start(self) -> None:
+        """Start Redis (embedded unless GPT4P_REDIS_URL is set) and every child."""
+        if self.settings.redis_url:
+            self.redis_url = self.settings.redis_url
+            ping(self.redis_url, timeout=5)
+        else:
+            self.redis = RedisServer(self.settings.state_dir / "redis").start()
+            self.redis_url = self.redis.url
+            write_runtime_url(self.settings, self.redis_url)
+        env = dict(os.environ, GPT4P_REDIS_URL=self.redis_url)
+        for child in self.plan():
+            child.start(env)
+            self.children.append(child)
+        self._announce()
+
+    def _announce(self) -> None:
+        host, port = self.settings.http_host, self.settings.http_port
+        where = "embedded" if self.redis else "external"
+        lines = [
+            f"Redis ({where})   {redact_url(self.redis_url or '')}",
+            f"workers          {self.workers} (engine: {self.settings.engine})",
+            f"HTTP API         http://{host}:{port}/v1/chat/completions",
+            f"health           http://{host}:{port}/healthz",
+            f"Flower           http://{host}:{self.settings.flower_port}/",
+            'ask it            gpt4people ask "What is the capital of France?"',
+            "stop             Ctrl-C",
+        ]
+        print("gpt4people is up:\n  " + "\n  ".join(lines), flush=True)
+
+    def watch(self) -> int:
+        """Wait until asked to stop or until a child dies; return the exit status."""
+        while not self.stopping:
+            for child in self.children:
+                if not child.alive():
+                    code = child.process.returncode if child.process else None
+                    log.error("%s exited unexpectedly (status %s); stopping", child.name, code)
+                    print(f"gpt4people: {child.name} exited (status {code}); stopping",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    return 1
+            if self.redis and self.redis.process and self.redis.process.poll() is not None:
+                print("gpt4people: Redis exited; stopping", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        """Stop every child (web first, Redis last), killing whatever outlives the grace period."""
+        order = sorted(self.children, key=lambda c: {"web": 0, "flower": 1}.get(c.name, 2))
+        for child in order:
+            # The leader only: a Celery worker then finishes its pool's jobs itself.
+            if child.alive() and child.process is not None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in order:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+            # Pool processes may outlive their parent: kill the rest of the group.
+            child.signal_group(signal.SIGKILL)
+            try:
+                child.process.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) survived SIGKILL", child.name, child.process.pid)
+        if self.redis is not None:
+            self.redis.stop()
+            remove_runtime_url(self.settings)
+
+
+def run_stack(settings: Settings, workers: int) -> int:
+    """Run the stack in the foreground until SIGINT or SIGTERM; return the exit status."""
+    stack = Stack(settings, workers)
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        if not stack.stopping:
+            print(f"\ngpt4people: {signal.Signals(signum).name}, stopping...", flush=True)
+        stack.stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stack.start()
+        status = stack.watch()
+    finally:
+        stack.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print("gpt4people: stopped", flush=True)
+    return status

@@ -1,0 +1,73 @@
+"""The inference task, and the engine each worker process loads once at start."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from workers.app import app
+from workers.contract import INFERENCE_TASK, Job
+from workers.core import answer
+from workers.engines import Engine, TextSink, create_engine
+from workers.settings import get_settings
+from workers.streaming import encode_event, stream_channel
+
+log = logging.getLogger(__name__)
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """This process's engine, loaded on first use (normally at process start)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = create_engine(get_settings())
+        return _engine
+
+
+@worker_process_init.connect
+def _load_engine_in_child(**_: object) -> None:
+    # Loaded in each pool process after the fork: llama.cpp state must not be
+    # shared across fork, and the first job should not pay for the load.
+    get_engine()
+
+
+@worker_process_shutdown.connect
+def _drop_engine(**_: object) -> None:
+    global _engine
+    _engine = None
+
+
+def _stream_sink(job: Job, redis_url: str) -> TextSink | None:
+    if not job.options.stream:
+        return None
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    channel = stream_channel(job.id)
+    # A requeued job starts over: tell the listener to drop what it had.
+    client.publish(channel, encode_event("restart"))
+
+    def publish(text: str) -> None:
+        client.publish(channel, encode_event("delta", text))
+
+    return publish
+
+
+@app.task(name=INFERENCE_TASK, bind=True)
+def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
+    """Answer one job; the returned dict is a `Reply` in JSON form."""
+    job = Job.model_validate(job_data)
+    sink = _stream_sink(job, str(self.app.conf.broker_url))
+    reply = answer(job, get_engine(), worker=self.request.hostname or "", on_text=sink)
+    log.info(
+        "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
+        job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,
+        reply.duration_ms, reply.finish_reason,
+    )  # fmt: skip
+    return reply.model_dump(mode="json")
