@@ -129,8 +129,8 @@ def chunk_body(
     return body
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[
-    str, Any
-]:
+def error_body(
+    message: str, kind: str = "invalid_request_error", code: str | None = None
+) -> dict[str, Any]:
     """An OpenAI-style error object."""
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}

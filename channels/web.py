@@ -53,6 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery_for(settings)
     app.include_router(openai_router)
 
+    # Refuse a body far past any prompt we would accept before reading it into memory.
+    max_body = settings.max_prompt_chars * 4 + 64 * 1024
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > max_body:
+            message = f"the request body is larger than {max_body} bytes"
+            return JSONResponse(error_body(message), status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
         return error.response()

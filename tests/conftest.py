@@ -7,6 +7,7 @@ own Redis database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,7 +44,9 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
         except Exception as error:
             last_error = error
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last_error})")
+    raise AssertionError(
+        f"timed out after {timeout:g}s waiting for {what} (last error: {last_error})"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +80,10 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> Non
     """Stop a child started in its own session, and everything it started."""
     if process.poll() is None:
         process.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(5)
 
 
@@ -98,7 +97,9 @@ def ping_worker(url: str, hostname: str) -> bool:
         app.close()
 
 
-def start_worker(env: dict[str, str], hostname: str, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+def start_worker(
+    env: dict[str, str], hostname: str, timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
     """Start `gpt4people worker` and wait until it answers pings."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{hostname}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from workers import privacy as _privacy  # noqa: F401  (keeps replies out of task logs)
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings
 

@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one inference worker in the foreground")
     worker.add_argument("--gpu", type=int, help="pin to this GPU and also consume its queue")
     worker.add_argument("--hostname", help="Celery node name (default worker@%%h or gpuN@%%h)")
-    worker.add_argument("--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)")
+    worker.add_argument(
+        "--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)"
+    )
     worker.set_defaults(handler=_cmd_worker)
 
     status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")

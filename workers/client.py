@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
+from workers.privacy import job_summary
 from workers.redis_server import RedisUnavailableError, ping, redact_url
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
             client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
             try:
                 if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
-                    existing = client.get(key)
+                    existing = cast(bytes | None, client.get(key))
                     if existing:
                         log.info("duplicate of job %s ignored", existing.decode())
                         return existing.decode()
@@ -68,6 +69,8 @@ def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
             args=[job.to_task_arg()],
             task_id=job.id,
             queue=queue,
+            argsrepr=job_summary(job),
+            kwargsrepr="{}",
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from workers.contract import GenerationOptions, Job, Reply
+from workers.contract import FinishReason, GenerationOptions, Job, Reply
 from workers.engines import Engine, Generation, PromptTooLongError, TextSink
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,10 @@ def _retry_options(options: GenerationOptions) -> GenerationOptions:
     return options.model_copy(update={"temperature": RETRY_TEMPERATURE, "seed": seed})
 
 
-def answer(
-    job: Job, engine: Engine, worker: str = "", on_text: TextSink | None = None
-) -> Reply:
+def answer(job: Job, engine: Engine, worker: str = "", on_text: TextSink | None = None) -> Reply:
     """Generate the answer to `job`; blank generations are retried, then replaced politely."""
     started = time.monotonic()
-    finish_reason: str
+    finish_reason: FinishReason
     try:
         generation: Generation = engine.generate(job.messages, job.options, on_text)
         if not generation.text.strip():
@@ -53,7 +51,7 @@ def answer(
         text=text,
         model=engine.model_name,
         engine=engine.name,
-        finish_reason=finish_reason,  # type: ignore[arg-type]
+        finish_reason=finish_reason,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         worker=worker,

@@ -93,10 +93,14 @@ def render_chat_template(
         # fold the instruction into the first user message instead.
         if not system_prompt or messages[0].role == "system":
             raise
-        folded = [
-            ChatMessage(role="user", content=f"{system_prompt}\n\n{messages[0].content}"),
-            *messages[1:],
-        ] if messages[0].role == "user" else list(messages)
+        folded = (
+            [
+                ChatMessage(role="user", content=f"{system_prompt}\n\n{messages[0].content}"),
+                *messages[1:],
+            ]
+            if messages[0].role == "user"
+            else list(messages)
+        )
         return render_chat_template(template, folded, "", bos_token, eos_token)
     except TemplateError as error:
         raise ChatTemplateError(f"chat template failed: {error}") from error

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -18,7 +18,7 @@ def _queue_depths(client: redis.Redis) -> dict[str, int]:
         names.add(key.decode())
     for key in client.scan_iter(match="deliver.*", count=100):
         names.add(key.decode())
-    return {name: int(client.llen(name)) for name in sorted(names)}
+    return {name: int(cast(int, client.llen(name))) for name in sorted(names)}
 
 
 def _workers(timeout: float) -> dict[str, Any]:
@@ -48,7 +48,8 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
     }
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     try:
-        report["redis"]["version"] = client.info("server").get("redis_version")
+        info = cast(dict[str, Any], client.info("server"))
+        report["redis"]["version"] = info.get("redis_version")
         report["redis"]["up"] = True
         report["queues"] = _queue_depths(client)
     except redis.RedisError as error:

@@ -10,6 +10,7 @@ flushed). Anything still alive after the grace period is killed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -56,10 +57,8 @@ class Child:
         """Send `signum` to its whole process group."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 @dataclass

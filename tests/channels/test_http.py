@@ -84,8 +84,12 @@ BAD_BODIES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "body", "content_type"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
-def test_bad_bodies_get_a_clear_400(echo_web: str, case: str, body: bytes, content_type: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "body", "content_type"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES]
+)
+def test_bad_bodies_get_a_clear_400(
+    echo_web: str, case: str, body: bytes, content_type: str
+) -> None:
     response = httpx.post(f"{echo_web}/v1/chat/completions", content=body,
                           headers={"content-type": content_type}, timeout=30)  # fmt: skip
     assert response.status_code == 400, response.text
@@ -132,3 +136,11 @@ def unused_redis_url() -> str:
     from workers.redis_server import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_a_huge_body_is_refused_before_it_is_read(echo_web: str) -> None:
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
+    response = httpx.post(f"{echo_web}/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert response.status_code == 413
+    assert "larger than" in response.json()["error"]["message"]

@@ -89,3 +89,20 @@ def test_ask_is_answered_by_the_real_model(model_env: dict[str, str], model_work
     assert reply["model"] == "gemma-3-270m-q4_k_m"
     assert reply["text"].strip()
     assert reply["completion_tokens"] > 0
+
+
+def test_prompts_and_replies_stay_out_of_the_worker_log(
+    echo_env: dict[str, str], echo_worker: str, state_dir: Path
+) -> None:
+    secret = "my-bank-pin-is-4921"
+    done = run_cli(["ask", "--json", secret], echo_env)
+    job_id = json.loads(done.stdout)["job_id"]
+    log = state_dir / "echo@test.log"
+
+    def logged() -> bool:
+        return job_id in log.read_text() and "succeeded" in log.read_text()
+
+    from tests.conftest import wait_for
+
+    wait_for(logged, 10, "the worker to log the job")
+    assert secret not in log.read_text()

@@ -10,9 +10,7 @@ from workers.model_files import resolve_model_path
 from workers.settings import Settings
 
 
-def test_the_default_model_is_assembled_once_into_the_cache(
-    tmp_path: Path, capsys: object
-) -> None:
+def test_the_default_model_is_assembled_once_into_the_cache(tmp_path: Path, capsys: object) -> None:
     settings = Settings(cache_dir=tmp_path)
     path = resolve_model_path(settings)
     assert path.parent == tmp_path / "models"

@@ -1,4 +1,4 @@
-"""`gpt4people up`: the whole stack on embedded defaults, found by other commands, stopped cleanly."""
+"""`gpt4people up`: the whole stack on embedded defaults, stopped cleanly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `echo` engine: answers instantly with the prompt, for wiring tests and overhead benchmarks."""
+"""The `echo` engine: answers with the prompt at once, for wiring tests and benchmarks."""
 
 from __future__ import annotations
 

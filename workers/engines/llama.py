@@ -6,8 +6,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from llama_cpp import Llama
 
@@ -101,15 +102,19 @@ class LlamaEngine:
         wanted = min(options.max_tokens or settings.max_tokens, settings.max_tokens)
         with self._lock:
             prompt, tokens, max_tokens = self._fit(messages, wanted)
-            stream = self._llm.create_completion(
-                tokens,
-                max_tokens=max_tokens,
-                temperature=settings.temperature if options.temperature is None
-                else options.temperature,
-                top_p=options.top_p if options.top_p is not None else 0.95,
-                stop=[*prompt.stop, *options.stop],
-                seed=options.seed if options.seed is not None else settings.seed,
-                stream=True,
+            stream = cast(
+                Iterator[dict[str, Any]],
+                self._llm.create_completion(
+                    tokens,
+                    max_tokens=max_tokens,
+                    temperature=settings.temperature
+                    if options.temperature is None
+                    else options.temperature,
+                    top_p=options.top_p if options.top_p is not None else 0.95,
+                    stop=[*prompt.stop, *options.stop],
+                    seed=options.seed if options.seed is not None else settings.seed,
+                    stream=True,
+                ),
             )
             pieces: list[str] = []
             finish: str | None = None

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): they print ratios against anchors measured in the same run."""

@@ -1,0 +1,62 @@
+"""The deployment files: Compose services and the Celery settings that keep jobs safe.
+
+No Docker engine runs on the build machines, so the Compose file is checked
+by reading it as Compose would.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
+    services = compose()["services"]
+    assert {"redis", "worker", "web", "flower"} <= set(services)
+    assert "--appendonly yes" in services["redis"]["command"]
+    assert "--requirepass" in services["redis"]["command"]
+    assert services["worker"]["command"][:2] == ["gpt4people", "worker"]
+    assert "channels.web:create_app" in services["web"]["command"]
+    assert any(arg.startswith("--basic-auth=") for arg in services["flower"]["command"])
+
+
+def test_every_app_service_reaches_the_same_password_protected_redis() -> None:
+    services = compose()["services"]
+    for name in ("worker", "web", "flower"):
+        url = services[name]["environment"]["GPT4P_REDIS_URL"]
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url), name
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[name]["build"]["context"] == "."
+
+
+def test_every_variable_compose_needs_is_in_the_env_example() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    example = (ROOT / ".env.example").read_text()
+    documented = set(re.findall(r"^#?\s*(\w+)=", example, flags=re.MULTILINE))
+    assert required <= documented
+
+
+def test_the_image_builds_llama_cpp_with_the_portable_script() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "scripts/install-llama" in dockerfile
+    assert "ARG LLAMA_CUDA" in dockerfile
+
+
+def test_celery_is_configured_for_long_jobs_and_json_only() -> None:
+    import celeryconfig
+
+    assert celeryconfig.accept_content == ["json"]
+    assert celeryconfig.task_serializer == celeryconfig.result_serializer == "json"
+    assert celeryconfig.task_acks_late and celeryconfig.task_reject_on_worker_lost
+    assert celeryconfig.worker_prefetch_multiplier == 1
+    visibility = celeryconfig.broker_transport_options["visibility_timeout"]
+    assert visibility > celeryconfig.task_time_limit > celeryconfig.task_soft_time_limit
