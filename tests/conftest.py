@@ -192,3 +192,12 @@ def run_cli(
         [PYTHON, "-m", "workers.cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def model_web(model_worker: str, model_env: dict[str, str]) -> Iterator[str]:
+    """The web app in front of the real-model worker; yields its base URL."""
+    port = free_port()
+    process = start_web(model_env, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_process(process)

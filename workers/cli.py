@@ -34,7 +34,7 @@ class CliError(Exception):
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from workers.model_files import resolve_model_path
     from workers.redis_server import RedisUnavailableError
-    from workers.supervisor import run_stack
+    from workers.supervisor import StackError, run_stack
 
     if args.workers and settings.engine == "llama":
         resolve_model_path(settings)  # assemble the default model once, with progress, up front
@@ -42,6 +42,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return run_stack(settings, args.workers)
     except RedisUnavailableError as error:
         raise CliError(str(error), EXIT_REDIS) from None
+    except StackError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:

@@ -167,10 +167,30 @@ def remove_runtime_url(settings: Settings) -> None:
 def _runtime_url(settings: Settings) -> str | None:
     try:
         url, pid = runtime_file(settings).read_text(encoding="utf-8").split()[:2]
-        os.kill(int(pid), 0)  # a file left by a killed `up` is stale
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        if not _alive(int(pid)):  # a file left by a killed `up` is stale
+            return None
+    except (FileNotFoundError, ValueError):
         return None
     return url
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, but another user's
+    return True
+
+
+def running_up_pid(settings: Settings) -> int | None:
+    """The pid of a `gpt4people up` that runs an embedded Redis for this state folder."""
+    try:
+        pid = int(runtime_file(settings).read_text(encoding="utf-8").split()[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid) else None
 
 
 def resolve_redis_url(settings: Settings) -> str:

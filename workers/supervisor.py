@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from workers.redis_server import (
     ping,
     redact_url,
     remove_runtime_url,
+    running_up_pid,
     write_runtime_url,
 )
 from workers.settings import Settings
@@ -33,6 +35,21 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
 KILL_WAIT_S = 5.0
+
+
+class StackError(RuntimeError):
+    """The stack cannot start here; the message says what to change."""
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on `host`:`port` (so a child can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -105,8 +122,23 @@ class Stack:
         )  # fmt: skip
         return children
 
+    def check(self) -> None:
+        """Refuse to start over another `up` or on ports already taken, saying which."""
+        other = None if self.settings.redis_url else running_up_pid(self.settings)
+        if other is not None:
+            raise StackError(
+                f"gpt4people up is already running (pid {other}) with state in "
+                f"{self.settings.state_dir}; stop it, or set GPT4P_STATE_DIR for a second one"
+            )
+        ports = {"GPT4P_HTTP_PORT": self.settings.http_port,
+                 "GPT4P_FLOWER_PORT": self.settings.flower_port}  # fmt: skip
+        for variable, port in ports.items():
+            if not port_free(self.settings.http_host, port):
+                raise StackError(f"port {port} is already in use: set {variable} to another")
+
     def start(self) -> None:
         """Start Redis (embedded unless GPT4P_REDIS_URL is set) and every child."""
+        self.check()
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
             ping(self.redis_url, timeout=5)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from workers.contract import ChatMessage, GenerationOptions, Job
-from workers.core import BLANK_FALLBACK, answer
+from workers.core import BLANK_FALLBACK, TIMED_OUT_REPLY, answer
 from workers.engines import Generation, PromptTooLongError, TextSink
 from workers.engines.echo import EchoEngine
 
@@ -67,3 +69,32 @@ def test_the_echo_engine_answers_with_the_prompt() -> None:
     reply = answer(job("ping pong"), EchoEngine())
     assert reply.text == "ping pong"
     assert reply.engine == "echo"
+
+
+class SlowEngine:
+    """Produces some text, then runs out of time as Celery's soft limit makes it."""
+
+    name = "slow"
+    model_name = "slow"
+
+    def __init__(self, before_limit: str) -> None:
+        self.before_limit = before_limit
+
+    def generate(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:  # fmt: skip
+        if on_text is not None and self.before_limit:
+            on_text(self.before_limit)
+        raise SoftTimeLimitExceeded()
+
+
+def test_an_answer_cut_by_the_time_limit_is_sent_as_far_as_it_got() -> None:
+    reply = answer(job(), SlowEngine(" The French capital is Paris, and"))
+    assert reply.text == "The French capital is Paris, and …"
+    assert reply.finish_reason == "length"
+
+
+def test_a_time_limit_before_any_text_gets_an_apology() -> None:
+    reply = answer(job(), SlowEngine(""))
+    assert reply.text == TIMED_OUT_REPLY

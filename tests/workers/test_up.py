@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,9 @@ def test_up_starts_everything_and_stops_leaving_nothing(
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "pong" in ping.stdout, ping.stdout + ping.stderr
+        second = run_cli(["up"], env, timeout=60)
+        assert second.returncode == 2
+        assert "already running" in second.stderr
 
         family = [up.pid] + [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
         assert len(family) >= 5  # up, redis, worker (+ pool), web, flower
@@ -81,3 +85,16 @@ def test_up_with_zero_workers_still_serves_health(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
     assert not os.path.exists(tmp_path / "redis.url")
+
+
+def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = base_env(tmp_path, engine="echo", http_port=str(port),
+                       flower_port=str(free_port()))  # fmt: skip
+        done = run_cli(["up", "--workers", "0"], env, timeout=60)
+    assert done.returncode == 2
+    assert f"port {port} is already in use: set GPT4P_HTTP_PORT" in done.stderr
+    assert not (tmp_path / "redis.url").exists()
