@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GPT4P_"
+GGUF_MAGIC = b"GGUF"
 
 
 def _default_state_dir() -> Path:
@@ -124,8 +125,13 @@ class Settings(BaseSettings):
     @field_validator("model_path")
     @classmethod
     def _model_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is None:
+            return None
+        if not value.is_file():
             raise ValueError(f"no GGUF file at {value}")
+        with value.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise ValueError(f"{value} is not a GGUF file (it does not start with 'GGUF')")
         return value
 
 

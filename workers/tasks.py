@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from typing import Any
 
@@ -36,7 +38,14 @@ def get_engine() -> Engine:
 def _load_engine_in_child(**_: object) -> None:
     # Loaded in each pool process after the fork: llama.cpp state must not be
     # shared across fork, and the first job should not pay for the load.
-    get_engine()
+    try:
+        get_engine()
+    except Exception as error:
+        # A model that cannot load never will: stop the worker instead of letting
+        # the pool restart this process in a loop.
+        log.critical("cannot load the model (%s); stopping this worker", error)
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise
 
 
 @worker_process_shutdown.connect

@@ -106,3 +106,22 @@ def test_prompts_and_replies_stay_out_of_the_worker_log(
 
     wait_for(logged, 10, "the worker to log the job")
     assert secret not in log.read_text()
+
+
+def test_a_model_that_cannot_load_stops_the_worker_instead_of_looping(
+    tmp_path: Path, redis_server: RedisServer, state_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))  # right magic, nothing loadable behind it
+    env = base_env(state_dir, redis_url=redis_url(redis_server, DB_NO_WORKER),
+                   model_path=str(broken))  # fmt: skip
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        output, _ = worker.communicate(timeout=90)
+    finally:
+        worker.kill()
+    assert "cannot load the model" in output.decode()

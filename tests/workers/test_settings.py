@@ -56,3 +56,11 @@ def test_the_cli_reports_a_bad_setting_in_one_line(state_dir: Path) -> None:
     assert done.returncode == 2
     assert "GPT4P_N_THREADS" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path: Path, state_dir: Path) -> None:
+    junk = tmp_path / "model.gguf"
+    junk.write_text("<html>404 Not Found</html>")
+    done = run_cli(["worker"], base_env(state_dir, model_path=str(junk)), timeout=60)
+    assert done.returncode == 2
+    assert "GPT4P_MODEL_PATH" in done.stderr and "not a GGUF file" in done.stderr
