@@ -50,20 +50,19 @@ def idempotency_key(job: Job) -> str | None:
 
 def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
     """Enqueue `job` (once per idempotency key) and return the id whose reply to wait for."""
-    key = idempotency_key(job)
     url = str(app.conf.broker_url)
     ping(url, timeout=2)  # fail fast: Celery itself would retry for many seconds
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    key = idempotency_key(job)
+    claimed = False
     try:
         if key is not None:
-            client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-            try:
-                if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
-                    existing = cast(bytes | None, client.get(key))
-                    if existing:
-                        log.info("duplicate of job %s ignored", existing.decode())
-                        return existing.decode()
-            finally:
-                client.close()
+            if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
+                existing = cast(bytes | None, client.get(key))
+                if existing:
+                    log.info("duplicate of job %s ignored", existing.decode())
+                    return existing.decode()
+            claimed = True
         app.send_task(
             INFERENCE_TASK,
             args=[job.to_task_arg()],
@@ -75,10 +74,21 @@ def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
     except (redis.RedisError, OperationalError) as error:
+        if claimed and key is not None:
+            _release(client, key)  # a retry of this source message must enqueue it again
         raise RedisUnavailableError(
             f"cannot enqueue: Redis at {redact_url(url)} is unreachable ({error})"
         ) from None
+    finally:
+        client.close()
     return job.id
+
+
+def _release(client: redis.Redis, key: str) -> None:
+    try:
+        client.delete(key)
+    except redis.RedisError:
+        log.warning("could not release idempotency key after a failed enqueue; it expires")
 
 
 def _reply_from_meta(meta: dict[str, Any]) -> Reply | None:
