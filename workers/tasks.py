@@ -54,10 +54,7 @@ def _drop_engine(**_: object) -> None:
     _engine = None
 
 
-def _stream_sink(job: Job, redis_url: str) -> TextSink | None:
-    if not job.options.stream:
-        return None
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+def _stream_sink(job: Job, client: redis.Redis) -> TextSink:
     channel = stream_channel(job.id)
     # A requeued job starts over: tell the listener to drop what it had.
     client.publish(channel, encode_event("restart"))
@@ -72,8 +69,13 @@ def _stream_sink(job: Job, redis_url: str) -> TextSink | None:
 def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """Answer one job; the returned dict is a `Reply` in JSON form."""
     job = Job.model_validate(job_data)
-    sink = _stream_sink(job, str(self.app.conf.broker_url))
-    reply = answer(job, get_engine(), worker=self.request.hostname or "", on_text=sink)
+    worker = self.request.hostname or ""
+    if job.options.stream:
+        url = str(self.app.conf.broker_url)
+        with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as client:
+            reply = answer(job, get_engine(), worker, on_text=_stream_sink(job, client))
+    else:
+        reply = answer(job, get_engine(), worker)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,

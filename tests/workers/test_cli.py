@@ -91,6 +91,18 @@ def test_ask_is_answered_by_the_real_model(model_env: dict[str, str], model_work
     assert reply["completion_tokens"] > 0
 
 
+@pytest.mark.model
+def test_the_model_is_loaded_once_in_the_pool_process_not_per_job(
+    model_env: dict[str, str], model_worker: str, state_dir: Path
+) -> None:
+    for question in ("Name a colour.", "Name a fruit."):
+        assert run_cli(["ask", "--max-tokens", "8", question], model_env).returncode == 0
+    loads = [line for line in (state_dir / "model@test.log").read_text().splitlines()
+             if "model loaded:" in line]  # fmt: skip
+    assert len(loads) == 1
+    assert "ForkPoolWorker" in loads[0]  # in the child after the fork, not in the parent
+
+
 def test_prompts_and_replies_stay_out_of_the_worker_log(
     echo_env: dict[str, str], echo_worker: str, state_dir: Path
 ) -> None:
