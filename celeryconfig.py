@@ -6,7 +6,13 @@ tune come from `workers.settings` (GPT4P_*), never from a second place.
 
 from kombu import Queue
 
-from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK
+from workers.contract import (
+    DELIVERED_CHANNELS,
+    INFERENCE_QUEUE,
+    INFERENCE_TASK,
+    delivery_queue,
+    delivery_task,
+)
 from workers.redis_server import resolve_redis_url
 from workers.settings import get_settings
 
@@ -23,7 +29,12 @@ result_accept_content = ["json"]
 
 task_queues = [Queue(INFERENCE_QUEUE, routing_key=INFERENCE_QUEUE)]
 task_default_queue = INFERENCE_QUEUE
-task_routes = {INFERENCE_TASK: {"queue": INFERENCE_QUEUE}}
+task_routes = {
+    INFERENCE_TASK: {"queue": INFERENCE_QUEUE},
+    **{delivery_task(c): {"queue": delivery_queue(c)} for c in sorted(DELIVERED_CHANNELS)},
+}
+# Every worker knows the delivery tasks; which queues it consumes decides what it runs.
+imports = ("workers.tasks", "channels.sms_delivery")
 
 # Acknowledge after the answer exists, not on receipt: a worker that dies
 # mid-generation leaves the job in Redis for another worker instead of losing it.

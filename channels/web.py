@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from channels.http import ApiError
 from channels.http import router as openai_router
 from channels.openai_schema import error_body
+from channels.sms import router as sms_router
+from channels.sms import sync_redis_for
 from workers.app import celery_for
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
@@ -40,18 +42,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = resolve_redis_url(settings)
         app.state.redis = aioredis.Redis.from_url(
-            resolve_redis_url(settings), socket_connect_timeout=5, health_check_interval=30
+            url, socket_connect_timeout=5, health_check_interval=30
         )
+        app.state.sync_redis = sync_redis_for(url)
         try:
             yield
         finally:
             await app.state.redis.aclose()
+            app.state.sync_redis.close()
 
     app = FastAPI(title="GPT4People", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.celery = celery_for(settings)
     app.include_router(openai_router)
+    app.include_router(sms_router)
 
     # Refuse a body far past any prompt we would accept before reading it into memory.
     max_body = settings.max_prompt_chars * 4 + 64 * 1024

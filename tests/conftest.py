@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Redis databases: one per kind of worker, so an echo worker never answers a model test.
-DB_ECHO, DB_MODEL, DB_NO_WORKER, DB_UP = 0, 1, 2, 3
+DB_ECHO, DB_MODEL, DB_NO_WORKER, DB_UP, DB_SMS = 0, 1, 2, 3, 4
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
@@ -98,12 +98,12 @@ def ping_worker(url: str, hostname: str) -> bool:
 
 
 def start_worker(
-    env: dict[str, str], hostname: str, timeout: float = 120.0
+    env: dict[str, str], hostname: str, timeout: float = 120.0, command: str = "worker"
 ) -> subprocess.Popen[bytes]:
-    """Start `gpt4people worker` and wait until it answers pings."""
+    """Start `gpt4people worker` (or `deliver`) and wait until it answers pings."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{hostname}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [PYTHON, "-m", "workers.cli", "worker", "--hostname", hostname],
+        [PYTHON, "-m", "workers.cli", command, "--hostname", hostname],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 

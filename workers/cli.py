@@ -123,6 +123,23 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.contract import delivery_queue
+
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker",
+        "--queues", ",".join(delivery_queue(c) for c in args.channels),
+        "--hostname", args.hostname or "deliver@%h",
+        # Sending is waiting on the network: threads, not processes.
+        "--pool", "threads", "--concurrency", str(args.concurrency),
+        "--loglevel", settings.log_level,
+        "--without-mingle", "--without-gossip", "--task-events",
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.status import collect_status, format_status
 
@@ -159,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)"
     )
     worker.set_defaults(handler=_cmd_worker)
+
+    deliver = commands.add_parser("deliver", help="send replies out (SMS) from deliver.* queues")
+    deliver.add_argument("--channels", nargs="+", default=["sms"], choices=["sms"],
+                         help="channels to deliver for (default sms)")  # fmt: skip
+    deliver.add_argument("--hostname", help="Celery node name (default deliver@%%h)")
+    deliver.add_argument("--concurrency", type=int, default=8, help="sending threads")
+    deliver.set_defaults(handler=_cmd_deliver)
 
     status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")
     status.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -27,6 +27,15 @@ def delivery_queue(channel: str) -> str:
     return f"deliver.{channel}"
 
 
+# Channels that answer later, from a task on their own queue (the others wait for the result).
+DELIVERED_CHANNELS = frozenset({"sms", "email"})
+
+
+def delivery_task(channel: str) -> str:
+    """The name of the task that sends replies out through `channel`."""
+    return f"gpt4people.deliver.{channel}"
+
+
 def helper_queue(name: str) -> str:
     """The queue of the helper called `name`."""
     return f"helper.{name}"
@@ -54,6 +63,15 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
+class MediaRef(BaseModel):
+    """A media attachment (an MMS picture, an email attachment) kept by reference for helpers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(max_length=2048)
+    content_type: str = Field(max_length=255)
+
+
 class GenerationOptions(BaseModel):
     """How to generate; unset fields take the worker's defaults (GPT4P_MAX_TOKENS, ...)."""
 
@@ -78,6 +96,10 @@ class Job(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     options: GenerationOptions = Field(default_factory=GenerationOptions)
     reply_to: str = Field(max_length=2048, description="Where the answer must go.")
+    reply_from: str | None = Field(
+        None, max_length=2048, description="Who the answer comes from (the number texted)."
+    )
+    media: list[MediaRef] = Field(default_factory=list, max_length=10)
     idempotency_key: str | None = Field(
         None, max_length=512, description="Taken from the source (MessageSid, Message-ID, ...)."
     )
@@ -111,6 +133,7 @@ class Reply(BaseModel):
     job_id: str
     channel: str
     reply_to: str
+    reply_from: str | None = None
     text: str = Field(min_length=1)
     model: str
     engine: str

@@ -65,6 +65,7 @@ def answer(job: Job, engine: Engine, worker: str = "", on_text: TextSink | None 
         job_id=job.id,
         channel=job.channel,
         reply_to=job.reply_to,
+        reply_from=job.reply_from,
         text=text,
         model=engine.model_name,
         engine=engine.name,

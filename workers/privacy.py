@@ -8,11 +8,15 @@ shown as a summary that names the job, not its content.
 
 from __future__ import annotations
 
+import logging
+
 from celery.app import trace
 
 from workers.contract import Job
 
 trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+# Twilio's client logs each request's form (numbers, message bodies) at INFO.
+logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
 
 
 def job_summary(job: Job) -> str:

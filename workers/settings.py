@@ -110,6 +110,52 @@ class Settings(BaseSettings):
         "INFO", description="Log level of every process."
     )
 
+    # --- SMS (Twilio) -----------------------------------------------------------------
+    twilio_account_sid: str | None = Field(
+        None, pattern=r"^AC[0-9a-fA-F]{32}$", description="Your Twilio Account SID (AC...)."
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token: verifies webhooks and authenticates sends."
+    )
+    twilio_from: str | None = Field(
+        None, max_length=32, description="Number replies are sent from; unset: the number texted."
+    )
+    twilio_messaging_service_sid: str | None = Field(
+        None, pattern=r"^MG[0-9a-fA-F]{32}$", description="Send through this Messaging Service."
+    )
+    twilio_api_base: str = Field(
+        "https://api.twilio.com", description="Twilio's REST base URL (a local recorder in tests)."
+    )
+    twilio_timeout: float = Field(10.0, gt=0, le=120, description="Seconds per Twilio API call.")
+    public_url: str | None = Field(
+        None, description="The URL Twilio calls, e.g. https://bot.example.com (behind a proxy)."
+    )
+    sms_max_parts: int = Field(3, ge=1, le=10, description="Most SMS parts one reply is sent in.")
+    sms_max_inbound_chars: int = Field(
+        1600, ge=1, le=20_000, description="Longest text message accepted; longer gets a notice."
+    )
+    sms_max_tokens: int = Field(160, ge=8, le=4096, description="Answer length asked for SMS.")
+    sms_rate_limit: int = Field(
+        20, ge=1, le=100_000, description="Messages one number may send per window."
+    )
+    sms_rate_window: int = Field(3600, ge=1, le=604_800, description="Rate-limit window, seconds.")
+    sms_history_turns: int = Field(
+        6, ge=0, le=100, description="Earlier exchanges kept as a number's conversation."
+    )
+    sms_history_chars: int = Field(
+        2000, ge=0, le=100_000, description="Most characters of history put before a message."
+    )
+    sms_history_ttl: int = Field(
+        86_400, ge=60, le=31_536_000, description="Seconds of silence after which it is forgotten."
+    )
+    sms_retry_backoff: float = Field(
+        2.0, ge=0.05, le=600, description="First delay before a failed send is retried, seconds."
+    )
+    sms_max_retries: int = Field(6, ge=0, le=50, description="Retries of a transient send failure.")
+    sms_media_max_bytes: int = Field(
+        5_000_000, ge=1, le=100_000_000, description="Largest MMS media fetched for a helper."
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

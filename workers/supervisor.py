@@ -100,6 +100,9 @@ class Stack:
             for i in range(1, self.workers + 1)
         ]
         children.append(
+            Child("deliver", [python, "-m", "workers.cli", "deliver", "--hostname", "deliver@%h"])
+        )
+        children.append(
             Child(
                 "web",
                 [

@@ -13,7 +13,13 @@ from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from workers.app import app
-from workers.contract import INFERENCE_TASK, Job
+from workers.contract import (
+    DELIVERED_CHANNELS,
+    INFERENCE_TASK,
+    Job,
+    delivery_queue,
+    delivery_task,
+)
 from workers.core import answer
 from workers.engines import Engine, TextSink, create_engine
 from workers.settings import get_settings
@@ -81,4 +87,14 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,
         reply.duration_ms, reply.finish_reason,
     )  # fmt: skip
-    return reply.model_dump(mode="json")
+    result = reply.model_dump(mode="json")
+    if job.channel in DELIVERED_CHANNELS:
+        # The channel answers later: hand the reply to its delivery queue.
+        self.app.send_task(
+            delivery_task(job.channel),
+            args=[result],
+            queue=delivery_queue(job.channel),
+            argsrepr=f"<reply to job {job.id} via {job.channel}>",
+            kwargsrepr="{}",
+        )
+    return result

@@ -1,0 +1,164 @@
+"""Sending SMS replies through Twilio's REST API, each part exactly once.
+
+The task on queue ``deliver.sms`` splits the reply, and for every part claims
+it in Redis before the send and records Twilio's message SID after it. A
+retried task (Twilio 429/5xx, a timeout) skips the parts already sent. The one
+window left: a worker that dies after Twilio accepted a part and before the
+SID is recorded leaves the part marked "sending"; after PART_IN_FLIGHT_TTL_S
+a redelivered task sends it again (at least once, never silently lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import lru_cache
+from typing import Any
+
+import redis
+import requests
+from celery import Task
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+
+from channels.sms_split import split_for_sms
+from channels.sms_state import SmsState, number_id
+from workers.app import app
+from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# Twilio error codes that mean "this number will never take this message".
+OPTED_OUT_CODES = frozenset({21610})  # the recipient replied STOP to this sender
+
+
+class SmsNotConfiguredError(RuntimeError):
+    """A Twilio setting needed to send is missing; the message names it."""
+
+
+class TransientSendError(RuntimeError):
+    """Twilio may accept the same send later (429, 5xx, timeout, connection error)."""
+
+
+class PermanentSendError(RuntimeError):
+    """Twilio will never accept this send (invalid number, unsubscribed recipient, ...)."""
+
+    def __init__(self, message: str, code: int | None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TwilioSender:
+    """Twilio's own REST client, pointed at GPT4P_TWILIO_API_BASE, with a timeout."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.twilio_account_sid or settings.twilio_auth_token is None:
+            raise SmsNotConfiguredError(
+                "set GPT4P_TWILIO_ACCOUNT_SID and GPT4P_TWILIO_AUTH_TOKEN to send SMS"
+            )
+        self.settings = settings
+        self.client = Client(
+            settings.twilio_account_sid,
+            settings.twilio_auth_token.get_secret_value(),
+            http_client=TwilioHttpClient(timeout=settings.twilio_timeout),
+        )
+        self.client.api.base_url = settings.twilio_api_base.rstrip("/")
+
+    def send(self, to: str, sender: str | None, body: str) -> str:
+        """Send one message; return its SID or raise Transient/PermanentSendError."""
+        options: dict[str, Any] = {"to": to, "body": body}
+        if self.settings.twilio_messaging_service_sid:
+            options["messaging_service_sid"] = self.settings.twilio_messaging_service_sid
+        else:
+            options["from_"] = self.settings.twilio_from or sender
+            if not options["from_"]:
+                raise PermanentSendError("no sender: set GPT4P_TWILIO_FROM", None)
+        try:
+            return str(self.client.messages.create(**options).sid)
+        except TwilioRestException as error:
+            if error.status == 429 or error.status >= 500:
+                raise TransientSendError(f"Twilio answered {error.status}") from error
+            raise PermanentSendError(
+                f"Twilio refused the message ({error.status}, code {error.code})", error.code
+            ) from error
+        except requests.RequestException as error:
+            raise TransientSendError(f"Twilio unreachable: {error.__class__.__name__}") from error
+
+
+@lru_cache(maxsize=1)
+def _sender() -> TwilioSender:
+    return TwilioSender(get_settings())
+
+
+@lru_cache(maxsize=1)
+def _state() -> SmsState:
+    url = str(app.conf.broker_url)
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    return SmsState(client, get_settings())
+
+
+def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: int) -> int:
+    """Send every part of `reply` not sent yet; return how many were sent now."""
+    sent = 0
+    for index, body in enumerate(split_for_sms(reply.text, max_parts=max_parts)):
+        claim = state.claim_part(reply.job_id, index)
+        if claim == "sent":
+            continue
+        if claim == "in_flight":
+            raise TransientSendError(f"part {index} is being sent by another delivery")
+        try:
+            sid = sender.send(reply.reply_to, reply.reply_from, body)
+        except (TransientSendError, PermanentSendError):
+            state.release_part(reply.job_id, index)
+            raise
+        state.record_part(reply.job_id, index, sid)
+        sent += 1
+    return sent
+
+
+def _backoff(settings: Settings, retries: int) -> float:
+    delay = min(settings.sms_retry_backoff * 2**retries, 300.0)
+    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+
+
+@app.task(name=delivery_task("sms"), bind=True, max_retries=None)
+def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
+    """Send a reply by SMS: split, each part once, transient failures retried with backoff."""
+    settings = get_settings()
+    reply = Reply.model_validate(reply_data)
+    who = number_id(reply.reply_to)
+    state = _state()
+    if state.is_opted_out(reply.reply_to):
+        log.info("reply %s not sent: %s opted out", reply.job_id, who)
+        return {"sent": 0, "status": "opted_out"}
+    try:
+        sent = send_parts(reply, _sender(), state, settings.sms_max_parts)
+    except TransientSendError as error:
+        if self.request.retries >= settings.sms_max_retries:
+            log.error("reply %s to %s abandoned after %d retries: %s",
+                      reply.job_id, who, self.request.retries, error)  # fmt: skip
+            return {"sent": 0, "status": "abandoned"}
+        log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
+        raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
+    except PermanentSendError as error:
+        log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
+        if error.code in OPTED_OUT_CODES:
+            state.opt_out(reply.reply_to)
+        return {"sent": 0, "status": "refused", "code": error.code}
+    if reply.engine != "keyword":
+        state.remember(reply.reply_to, ChatMessage(role="assistant", content=reply.text))
+    log.info("reply %s sent to %s in %d part(s)", reply.job_id, who, sent)
+    return {"sent": sent, "status": "delivered"}
+
+
+def enqueue_delivery(celery: Any, reply: Reply) -> None:
+    """Put `reply` on the SMS delivery queue."""
+    celery.send_task(
+        delivery_task("sms"),
+        args=[reply.model_dump(mode="json")],
+        queue=delivery_queue("sms"),
+        argsrepr=f"<reply to job {reply.job_id} via sms>",
+        kwargsrepr="{}",
+    )

@@ -1,0 +1,125 @@
+"""What the SMS channel remembers in Redis: seen messages, opt-outs, rate limits,
+conversations, and which reply parts were already sent.
+
+Phone numbers never appear in keys or logs in clear: they are hashed
+(`number_id`), so a Redis dump or a log line does not list who texted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Literal, cast
+
+import redis
+
+from workers.contract import ChatMessage
+from workers.settings import Settings
+
+PREFIX = "gpt4p:sms:"
+SEEN_TTL_S = 7 * 24 * 3600  # Twilio retries a webhook for minutes, never for days
+PART_SENT_TTL_S = 7 * 24 * 3600
+# A part marked "sending" by a delivery that then died is retried after this.
+PART_IN_FLIGHT_TTL_S = 120
+
+RateVerdict = Literal["ok", "notify", "silent"]
+PartState = Literal["claimed", "sent", "in_flight"]
+
+
+def number_id(number: str) -> str:
+    """A stable pseudonym of a phone number, for keys and logs."""
+    return "n" + hashlib.sha256(number.encode("utf-8")).hexdigest()[:16]
+
+
+class SmsState:
+    """The SMS channel's records in Redis (one client, shared by threads)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+
+    def claim_message(self, message_sid: str) -> bool:
+        """True the first time `message_sid` is seen; False for Twilio's re-posts."""
+        return bool(self.redis.set(f"{PREFIX}seen:{message_sid}", 1, nx=True, ex=SEEN_TTL_S))
+
+    # --- opt-out ---------------------------------------------------------------------
+    def opt_out(self, number: str) -> None:
+        """Send nothing more to `number` until it opts in again."""
+        self.redis.sadd(f"{PREFIX}optout", number_id(number))
+
+    def opt_in(self, number: str) -> None:
+        """Let `number` receive answers again."""
+        self.redis.srem(f"{PREFIX}optout", number_id(number))
+
+    def is_opted_out(self, number: str) -> bool:
+        """Whether `number` asked to receive nothing."""
+        return bool(self.redis.sismember(f"{PREFIX}optout", number_id(number)))
+
+    # --- rate limit ------------------------------------------------------------------
+    def rate_verdict(self, number: str) -> RateVerdict:
+        """Count one message: within the limit, the first over it (notify), or later (silent)."""
+        window = self.settings.sms_rate_window
+        key = f"{PREFIX}rate:{number_id(number)}:{int(time.time()) // window}"
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, window + 60)
+        count = int(pipe.execute()[0])
+        limit = self.settings.sms_rate_limit
+        if count <= limit:
+            return "ok"
+        return "notify" if count == limit + 1 else "silent"
+
+    # --- conversation ----------------------------------------------------------------
+    def _history_key(self, number: str) -> str:
+        return f"{PREFIX}history:{number_id(number)}"
+
+    def history(self, number: str) -> list[ChatMessage]:
+        """The latest turns with `number`, within the configured turn and character bounds."""
+        settings = self.settings
+        if settings.sms_history_turns == 0:
+            return []
+        raw = cast(list[bytes], self.redis.lrange(self._history_key(number), 0, -1))
+        turns = [ChatMessage.model_validate(json.loads(item)) for item in raw]
+        turns = turns[-2 * settings.sms_history_turns :]
+        while turns and sum(len(t.content) for t in turns) > settings.sms_history_chars:
+            turns = turns[1:]
+        while turns and turns[0].role != "user":
+            turns = turns[1:]
+        return turns
+
+    def remember(self, number: str, message: ChatMessage) -> None:
+        """Append a turn to `number`'s conversation and restart its idle timer."""
+        key = self._history_key(number)
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, message.model_dump_json())
+        pipe.ltrim(key, -4 * max(1, self.settings.sms_history_turns), -1)
+        pipe.expire(key, self.settings.sms_history_ttl)
+        pipe.execute()
+
+    def forget(self, number: str) -> None:
+        """Clear `number`'s conversation (RESET)."""
+        self.redis.delete(self._history_key(number))
+
+    # --- sent parts ------------------------------------------------------------------
+    def _part_key(self, job_id: str, index: int) -> str:
+        return f"{PREFIX}part:{job_id}:{index}"
+
+    def claim_part(self, job_id: str, index: int) -> PartState:
+        """Mark part `index` of `job_id`'s reply as being sent, unless it was or is being sent."""
+        key = self._part_key(job_id, index)
+        if self.redis.set(key, "sending", nx=True, ex=PART_IN_FLIGHT_TTL_S):
+            return "claimed"
+        value = cast(bytes | None, self.redis.get(key))
+        if value is None:  # expired in between: try once more
+            return "claimed" if self.redis.set(key, "sending", nx=True, ex=PART_IN_FLIGHT_TTL_S) \
+                else "in_flight"  # fmt: skip
+        return "in_flight" if value == b"sending" else "sent"
+
+    def record_part(self, job_id: str, index: int, message_sid: str) -> None:
+        """Part `index` was accepted by Twilio as `message_sid`: never send it again."""
+        self.redis.set(self._part_key(job_id, index), message_sid, ex=PART_SENT_TTL_S)
+
+    def release_part(self, job_id: str, index: int) -> None:
+        """The send failed: let a retry send part `index` again."""
+        self.redis.delete(self._part_key(job_id, index))
