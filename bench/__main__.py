@@ -1,5 +1,9 @@
 """``python -m bench``: run every benchmark in this folder."""
 
-from bench.ask import main
+import sys
 
-main()
+from bench import ask, sms_burst
+
+for benchmark in (ask, sms_burst):
+    sys.argv = [benchmark.__name__]
+    benchmark.main()

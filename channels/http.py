@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import redis
 import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import APIRouter, Depends, Header, Request
@@ -122,18 +123,19 @@ async def chat_completions(
         job = HttpChannel(settings).to_job(body, idempotency_key)
     except InvalidInboundError as error:
         raise ApiError(400, str(error), "invalid_request_error") from None
+    sync_client = request.app.state.sync_redis
     if body.stream:
         return StreamingResponse(
-            _stream(celery, client, job, settings), media_type="text/event-stream"
+            _stream(celery, client, sync_client, job, settings), media_type="text/event-stream"
         )
-    job_id = await _submit(celery, job)
+    job_id = await _submit(celery, job, sync_client)
     reply = await _await(client, job_id, settings.job_timeout)
     return JSONResponse(completion_body(reply))
 
 
-async def _submit(celery: Celery, job: Job) -> str:
+async def _submit(celery: Celery, job: Job, client: redis.Redis) -> str:
     try:
-        return await asyncio.to_thread(submit, celery, job)
+        return await asyncio.to_thread(submit, celery, job, client=client)
     except RedisUnavailableError as error:
         log.error("enqueue failed: %s", error)
         raise ApiError(503, "the queue is unavailable; try again shortly", "server_error") from None
@@ -156,7 +158,11 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _stream(
-    celery: Celery, client: aioredis.Redis, job: Job, settings: Settings
+    celery: Celery,
+    client: aioredis.Redis,
+    sync_client: redis.Redis,
+    job: Job,
+    settings: Settings,
 ) -> AsyncIterator[str]:
     """Server-sent events: the text as the worker generates it, then the finish and usage."""
     model = model_label(settings)
@@ -164,7 +170,7 @@ async def _stream(
         # Subscribe before enqueueing so that not one delta is missed.
         await pubsub.subscribe(stream_channel(job.id))
         try:
-            job_id = await _submit(celery, job)
+            job_id = await _submit(celery, job, sync_client)
         except ApiError as error:
             yield _sse(error_body(error.message, error.kind))
             return

@@ -172,7 +172,7 @@ class SmsChannel:
             self._answer(inbound, EMPTY_TEXT)
             return "empty"
         job = self.to_job(inbound)
-        submit(self.celery, job)
+        submit(self.celery, job, client=self.state.redis)
         state.remember(number, job.messages[-1])
         return f"queued job {job.id}"
 

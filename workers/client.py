@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError
 
 from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
 from workers.privacy import job_summary
-from workers.redis_server import RedisUnavailableError, ping, redact_url
+from workers.redis_server import RedisUnavailableError, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,22 @@ def idempotency_key(job: Job) -> str | None:
     return f"{IDEMPOTENCY_PREFIX}{job.channel}:{job.idempotency_key}"
 
 
-def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
-    """Enqueue `job` (once per idempotency key) and return the id whose reply to wait for."""
+def submit(
+    app: Celery, job: Job, queue: str = INFERENCE_QUEUE, client: redis.Redis | None = None
+) -> str:
+    """Enqueue `job` (once per idempotency key) and return the id whose reply to wait for.
+
+    `client` is a Redis client of the same server to reuse (a channel's pool);
+    without one, a short-lived connection is made.
+    """
     url = str(app.conf.broker_url)
-    ping(url, timeout=2)  # fail fast: Celery itself would retry for many seconds
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    own_client = client is None
+    if client is None:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     key = idempotency_key(job)
     claimed = False
     try:
+        client.ping()  # fail fast: Celery itself would retry for many seconds
         if key is not None:
             if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
                 existing = cast(bytes | None, client.get(key))
@@ -80,7 +88,8 @@ def submit(app: Celery, job: Job, queue: str = INFERENCE_QUEUE) -> str:
             f"cannot enqueue: Redis at {redact_url(url)} is unreachable ({error})"
         ) from None
     finally:
-        client.close()
+        if own_client:
+            client.close()
     return job.id
 
 

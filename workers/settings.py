@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     """All settings; see the README's "Configuration" table for the same list."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False, validate_default=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+        env_ignore_empty=True,  # Compose passes unset variables as ""
     )
 
     # --- Redis and Celery -------------------------------------------------------------

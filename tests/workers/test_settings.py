@@ -64,3 +64,12 @@ def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path: Path, state_dir: P
     done = run_cli(["worker"], base_env(state_dir, model_path=str(junk)), timeout=60)
     assert done.returncode == 2
     assert "GPT4P_MODEL_PATH" in done.stderr and "not a GGUF file" in done.stderr
+
+
+def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Docker Compose passes `${VAR:-}` for an unset variable as an empty string.
+    monkeypatch.setenv("GPT4P_TWILIO_ACCOUNT_SID", "")
+    monkeypatch.setenv("GPT4P_HTTP_API_KEY", "")
+    settings = load_settings()
+    assert settings.twilio_account_sid is None
+    assert settings.http_api_key is None

@@ -1,0 +1,106 @@
+"""How fast the SMS webhook answers Twilio under a burst of 200 signed webhooks.
+
+Starts its own Redis and the web app (uvicorn, one process, as `gpt4people up`
+runs it); no worker is needed, since the webhook only verifies, records and
+enqueues. Sends 200 distinct signed webhooks, `--concurrency` at a time, and
+prints p50/p99 response times, against the anchor of the same web app's
+`GET /healthz` under the same burst. Writes bench/results/sms_burst.json.
+
+    python -m bench.sms_burst [--n 200] [--concurrency 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from twilio.request_validator import RequestValidator
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCOUNT, TOKEN = "AC" + "2" * 32, "bench-token"
+
+
+def _quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def _burst(n: int, concurrency: int, request: object) -> list[float]:
+    gate = asyncio.Semaphore(concurrency)
+    samples: list[float] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            started = time.perf_counter()
+            response = await request(i)  # type: ignore[operator]
+            samples.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return samples
+
+
+async def _run(base: str, n: int, concurrency: int) -> dict[str, float]:
+    validator = RequestValidator(TOKEN)
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def webhook(i: int) -> httpx.Response:
+            params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT,
+                      "From": f"+1555{i:07d}", "To": "+15550000000", "Body": f"question {i}",
+                      "NumMedia": "0"}  # fmt: skip
+            signature = validator.compute_signature(f"{base}/sms", params)
+            return await client.post(f"{base}/sms", data=params,
+                                     headers={"X-Twilio-Signature": signature})  # fmt: skip
+
+        async def health(_: int) -> httpx.Response:
+            return await client.get(f"{base}/healthz")
+
+        await _burst(20, concurrency, health)  # warm up
+        anchor = await _burst(n, concurrency, health)
+        hooks = await _burst(n, concurrency, webhook)
+    return {
+        "healthz_p50_ms": _quantile(anchor, 0.5), "healthz_p99_ms": _quantile(anchor, 0.99),
+        "sms_p50_ms": _quantile(hooks, 0.5), "sms_p99_ms": _quantile(hooks, 0.99),
+        "sms_mean_ms": statistics.mean(hooks) * 1000,
+    }  # fmt: skip
+
+
+def main() -> None:
+    """Run the burst and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=20)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import base_env, start_web, stop_process
+    from workers.redis_server import RedisServer, free_port
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
+        env = base_env(Path(tmp), redis_url=server.url, engine="echo",
+                       twilio_account_sid=ACCOUNT, twilio_auth_token=TOKEN,
+                       sms_rate_limit="100000", log_level="WARNING")  # fmt: skip
+        port = free_port()
+        web = start_web(env, port)
+        try:
+            results = asyncio.run(_run(f"http://127.0.0.1:{port}", args.n, args.concurrency))
+        finally:
+            stop_process(web)
+    print(f"{args.n} webhooks, {args.concurrency} at a time")
+    for name, value in results.items():
+        print(f"{name:<16}{value:>10.2f} ms")
+    print(f"sms p50 / healthz p50: {results['sms_p50_ms'] / results['healthz_p50_ms']:.1f}x")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sms_burst.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
