@@ -194,6 +194,9 @@ async def _stream(
         except (JobTimeoutError, JobFailedError) as error:
             yield _sse(error_body(str(error), "server_error"))
             return
+        except aioredis.RedisError:
+            yield _sse(error_body("the queue became unavailable", "server_error"))
+            return
         finally:
             reply_task.cancel()
     # Deltas never published (a duplicate request, a fallback answer) still reach the client.
