@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args
+$(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args scripts/install-system-deps
+	scripts/install-system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	scripts/install-llama $(VENV)

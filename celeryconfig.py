@@ -34,7 +34,7 @@ task_routes = {
     **{delivery_task(c): {"queue": delivery_queue(c)} for c in sorted(DELIVERED_CHANNELS)},
 }
 # Every worker knows the delivery tasks; which queues it consumes decides what it runs.
-imports = ("workers.tasks", "channels.sms_delivery")
+imports = ("workers.tasks", "channels.sms_delivery", "channels.email_delivery")
 
 # Acknowledge after the answer exists, not on receipt: a worker that dies
 # mid-generation leaves the job in Redis for another worker instead of losing it.

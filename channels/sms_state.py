@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Literal, cast
 
 import redis
 
+from channels.ratelimit import RateVerdict, SenderRateLimit
 from workers.contract import ChatMessage
 from workers.settings import Settings
 
@@ -23,7 +23,6 @@ PART_SENT_TTL_S = 7 * 24 * 3600
 # A part marked "sending" by a delivery that then died is retried after this.
 PART_IN_FLIGHT_TTL_S = 120
 
-RateVerdict = Literal["ok", "notify", "silent"]
 PartState = Literal["claimed", "sent", "in_flight"]
 
 
@@ -59,16 +58,9 @@ class SmsState:
     # --- rate limit ------------------------------------------------------------------
     def rate_verdict(self, number: str) -> RateVerdict:
         """Count one message: within the limit, the first over it (notify), or later (silent)."""
-        window = self.settings.sms_rate_window
-        key = f"{PREFIX}rate:{number_id(number)}:{int(time.time()) // window}"
-        pipe = self.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, window + 60)
-        count = int(pipe.execute()[0])
-        limit = self.settings.sms_rate_limit
-        if count <= limit:
-            return "ok"
-        return "notify" if count == limit + 1 else "silent"
+        limit = SenderRateLimit(self.redis, f"{PREFIX}rate:", self.settings.sms_rate_limit,
+                                self.settings.sms_rate_window)  # fmt: skip
+        return limit.verdict(number_id(number))
 
     # --- conversation ----------------------------------------------------------------
     def _history_key(self, number: str) -> str:

@@ -22,6 +22,8 @@ def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
     services = compose()["services"]
     assert {"redis", "worker", "deliver", "web", "flower"} <= set(services)
     assert services["deliver"]["command"][:2] == ["gpt4people", "deliver"]
+    assert services["email"]["command"] == ["gpt4people", "email"]
+    assert services["email"]["profiles"] == ["email"]
     assert "--appendonly yes" in services["redis"]["command"]
     assert "--requirepass" in services["redis"]["command"]
     assert services["worker"]["command"][:2] == ["gpt4people", "worker"]
@@ -31,7 +33,7 @@ def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
 
 def test_every_app_service_reaches_the_same_password_protected_redis() -> None:
     services = compose()["services"]
-    for name in ("worker", "deliver", "web", "flower"):
+    for name in ("worker", "deliver", "email", "web", "flower"):
         url = services[name]["environment"]["GPT4P_REDIS_URL"]
         assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url), name
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"

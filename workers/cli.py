@@ -140,6 +140,30 @@ def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:
+    import signal as signals
+
+    import redis
+
+    from channels.email_poller import EmailNotConfiguredError, MailboxPoller
+    from workers.app import app
+
+    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
+                                  socket_connect_timeout=5)  # fmt: skip
+    try:
+        poller = MailboxPoller(settings, client, app)
+    except EmailNotConfiguredError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
+
+    def stop(*_: object) -> None:
+        poller.stop.set()
+
+    signals.signal(signals.SIGTERM, stop)
+    signals.signal(signals.SIGINT, stop)
+    poller.run()
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.status import collect_status, format_status
 
@@ -177,9 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(handler=_cmd_worker)
 
-    deliver = commands.add_parser("deliver", help="send replies out (SMS) from deliver.* queues")
-    deliver.add_argument("--channels", nargs="+", default=["sms"], choices=["sms"],
-                         help="channels to deliver for (default sms)")  # fmt: skip
+    email = commands.add_parser("email", help="answer mail: watch the IMAP mailbox (GPT4P_IMAP_*)")
+    email.set_defaults(handler=_cmd_email)
+
+    deliver = commands.add_parser(
+        "deliver", help="send replies out (SMS, email) from the deliver.* queues"
+    )
+    deliver.add_argument("--channels", nargs="+", default=["sms", "email"],
+                         choices=["sms", "email"],
+                         help="channels to deliver for (default: sms email)")  # fmt: skip
     deliver.add_argument("--hostname", help="Celery node name (default deliver@%%h)")
     deliver.add_argument("--concurrency", type=int, default=8, help="sending threads")
     deliver.set_defaults(handler=_cmd_deliver)

@@ -100,6 +100,9 @@ class Job(BaseModel):
         None, max_length=2048, description="Who the answer comes from (the number texted)."
     )
     media: list[MediaRef] = Field(default_factory=list, max_length=10)
+    context: dict[str, str] = Field(
+        default_factory=dict, description="What the channel needs to deliver (email threading)."
+    )
     idempotency_key: str | None = Field(
         None, max_length=512, description="Taken from the source (MessageSid, Message-ID, ...)."
     )
@@ -134,6 +137,7 @@ class Reply(BaseModel):
     channel: str
     reply_to: str
     reply_from: str | None = None
+    context: dict[str, str] = Field(default_factory=dict)
     text: str = Field(min_length=1)
     model: str
     engine: str

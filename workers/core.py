@@ -66,6 +66,7 @@ def answer(job: Job, engine: Engine, worker: str = "", on_text: TextSink | None 
         channel=job.channel,
         reply_to=job.reply_to,
         reply_from=job.reply_from,
+        context=job.context,
         text=text,
         model=engine.model_name,
         engine=engine.name,

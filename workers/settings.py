@@ -160,6 +160,57 @@ class Settings(BaseSettings):
         5_000_000, ge=1, le=100_000_000, description="Largest MMS media fetched for a helper."
     )
 
+    # --- email (IMAP in, SMTP out) -----------------------------------------------------
+    imap_host: str | None = Field(None, description="IMAP server; set to enable the email channel.")
+    imap_port: int | None = Field(
+        None, ge=1, le=65_535, description="IMAP port; unset: 993 with tls, else 143."
+    )
+    imap_user: str | None = Field(None, description="IMAP login (often the address).")
+    imap_password: SecretStr | None = Field(None, description="IMAP password or app password.")
+    imap_ssl: Literal["tls", "starttls", "plain"] = Field(
+        "tls", description="IMAP connection security."
+    )
+    imap_folder: str = Field("INBOX", description="Folder watched for questions.")
+    imap_processed_folder: str | None = Field(
+        None, description="Move handled mail here (created if missing); unset: leave it flagged."
+    )
+    imap_set_aside_folder: str | None = Field(
+        None, description="Move mail that cannot be parsed here; unset: leave it flagged."
+    )
+    imap_idle: bool = Field(True, description="Use IMAP IDLE when the server offers it.")
+    imap_timeout: float = Field(30.0, gt=0, le=600, description="Seconds per IMAP operation.")
+    email_poll_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Poll interval without IDLE; IDLE re-check interval."
+    )
+    smtp_host: str | None = Field(None, description="SMTP server replies are sent through.")
+    smtp_port: int = Field(587, ge=1, le=65_535, description="SMTP port.")
+    smtp_user: str | None = Field(None, description="SMTP login; unset: no authentication.")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password or app password.")
+    smtp_starttls: bool = Field(True, description="Upgrade the SMTP connection with STARTTLS.")
+    smtp_ssl: bool = Field(False, description="Implicit TLS (port 465) instead of STARTTLS.")
+    smtp_timeout: float = Field(30.0, gt=0, le=600, description="Seconds per SMTP operation.")
+    email_from: str | None = Field(
+        None, max_length=320, description="Address replies come from (and our own mail is)."
+    )
+    email_allow: str | None = Field(
+        None, description="Comma-separated senders or @domains to answer; unset: everyone."
+    )
+    email_rate_limit: int = Field(
+        20, ge=1, le=100_000, description="Mails one sender may have answered per window."
+    )
+    email_rate_window: int = Field(3600, ge=1, le=604_800, description="Rate window, seconds.")
+    email_max_chars: int = Field(
+        8000, ge=1, le=1_000_000, description="Longest question (after quotes are stripped)."
+    )
+    email_max_attachment_bytes: int = Field(
+        10_000_000, ge=0, le=100_000_000, description="Largest attachment kept for helpers."
+    )
+    email_html: bool = Field(True, description="Add an HTML alternative to replies.")
+    email_max_retries: int = Field(8, ge=0, le=50, description="Retries of a failed SMTP send.")
+    email_retry_backoff: float = Field(
+        5.0, ge=0.05, le=600, description="First delay before a failed send is retried, seconds."
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

@@ -102,6 +102,8 @@ class Stack:
         children.append(
             Child("deliver", [python, "-m", "workers.cli", "deliver", "--hostname", "deliver@%h"])
         )
+        if self.settings.imap_host:
+            children.append(Child("email", [python, "-m", "workers.cli", "email"]))
         children.append(
             Child(
                 "web",

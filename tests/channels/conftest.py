@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.channels.mail_servers import Dovecot, SmtpCapture, dovecot, smtp
 from tests.channels.twilio_recorder import TwilioRecorder, twilio
-from tests.conftest import DB_SMS, base_env, redis_url, start_web, start_worker, stop_process
+from tests.conftest import (
+    DB_EMAIL,
+    DB_SMS,
+    ROOT,
+    base_env,
+    redis_url,
+    start_web,
+    start_worker,
+    stop_process,
+)
 from workers.redis_server import RedisServer, free_port
 
-__all__ = ["twilio"]
+__all__ = ["dovecot", "smtp", "twilio"]
+EMAIL_FROM = "bot@gpt4people.test"
 
 SMS_RATE_LIMIT = 5
 
@@ -44,4 +57,49 @@ def sms_web(sms_env: dict[str, str]) -> Iterator[str]:
     web = start_web(sms_env, port)
     yield f"http://127.0.0.1:{port}"
     for process in (web, deliver, inference):
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def email_env(
+    redis_server: RedisServer, state_dir: Path, dovecot: Dovecot, smtp: SmtpCapture
+) -> dict[str, str]:
+    """Settings of the email stack: dovecot in, aiosmtpd out, the echo engine."""
+    return base_env(
+        state_dir,
+        redis_url=redis_url(redis_server, DB_EMAIL),
+        engine="echo",
+        imap_host="127.0.0.1",
+        imap_port=str(dovecot.port),
+        imap_user=dovecot.user,
+        imap_password=dovecot.password,
+        imap_ssl="plain",
+        email_poll_seconds="1",
+        smtp_host=smtp.host,
+        smtp_port=str(smtp.port),
+        smtp_starttls="false",
+        email_from=EMAIL_FROM,
+        email_retry_backoff="0.1",
+    )
+
+
+def start_poller(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start `gpt4people email` (it logs to the state folder)."""
+    log = open(Path(env["GPT4P_STATE_DIR"]) / "email-poller.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "email"], env=env, cwd=ROOT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def email_stack(email_env: dict[str, str]) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """An echo inference worker, a delivery worker and the mailbox poller."""
+    processes = {
+        "inference": start_worker(email_env, "email-echo@test"),
+        "deliver": start_worker(email_env, "email-deliver@test", command="deliver"),
+        "poller": start_poller(email_env),
+    }
+    yield processes
+    for process in processes.values():
         stop_process(process)
