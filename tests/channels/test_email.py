@@ -17,7 +17,7 @@ import redis
 
 from channels.email import EmailRecords
 from channels.email_poller import HANDLED, SET_ASIDE
-from tests.channels.conftest import EMAIL_FROM, start_poller
+from tests.channels.conftest import EMAIL_FROM, EMAIL_RATE_LIMIT, start_poller
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.conftest import stop_process, wait_for
 
@@ -269,3 +269,14 @@ def test_addresses_and_mail_text_stay_out_of_the_logs(
         content = (state_dir / name).read_text()
         assert person not in content, name
         assert secret not in content, name
+
+
+def test_a_sender_over_the_rate_limit_is_not_answered(
+    email_stack: object, dovecot: Dovecot, smtp: SmtpCapture, person: str,
+    email_redis: redis.Redis,
+) -> None:  # fmt: skip
+    for i in range(EMAIL_RATE_LIMIT + 2):
+        dovecot.append(mail(person, f"Question {i}", f"Question number {i}?", f"<rl{i}-{person}>"))
+    answers(smtp, person, EMAIL_RATE_LIMIT)
+    wait_idle(dovecot, email_redis)
+    assert len(smtp.sent_to(person)) == EMAIL_RATE_LIMIT

@@ -67,3 +67,21 @@ def test_mail_without_a_sender_or_message_id_is_set_aside() -> None:
 def test_references_and_in_reply_to_make_the_thread() -> None:
     headers = f"{BASE}\r\nReferences: <r1@x> <r2@x>\r\nIn-Reply-To: <r3@x>"
     assert read_mail(parse(headers), SETTINGS).references == ("<r1@x>", "<r2@x>", "<r3@x>")
+
+
+def test_attachments_are_kept_as_references_within_type_and_size_limits() -> None:
+    from email.message import EmailMessage
+
+    message = EmailMessage()
+    message["From"], message["Message-ID"] = "ann@example.org", "<att@example.org>"
+    message.set_content("What is in this picture?")
+    message.add_attachment(b"\x89PNG" + bytes(100), maintype="image", subtype="png",
+                           filename="cat.png")  # fmt: skip
+    message.add_attachment(b"MZ" + bytes(100), maintype="application", subtype="x-msdownload",
+                           filename="run.exe")  # fmt: skip
+    message.add_attachment(b"\x89PNG" + bytes(5000), maintype="image", subtype="png",
+                           filename="huge.png")  # fmt: skip
+    parsed = read_mail(MailMessage.from_bytes(message.as_bytes()),
+                       Settings(email_max_attachment_bytes=1000))  # fmt: skip
+    assert [a.content_type for a in parsed.attachments] == ["image/png"]
+    assert parsed.question == "What is in this picture?"
