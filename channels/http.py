@@ -68,7 +68,8 @@ class HttpChannel:
                 f"the messages are {size} characters long; the limit is "
                 f"{self.settings.max_prompt_chars}"
             )
-        if not messages[-1].content.strip():
+        media = inbound.messages[-1].media()[:10]
+        if not messages[-1].content.strip() and not media:
             raise InvalidInboundError("the last user message is empty")
         return Job(
             channel=self.name,
@@ -76,6 +77,7 @@ class HttpChannel:
             messages=messages,
             options=inbound.options(),
             reply_to="http",
+            media=media,
             idempotency_key=idempotency_key,
         )
 

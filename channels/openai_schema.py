@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.contract import ChatMessage, GenerationOptions, Reply
+from workers.contract import ChatMessage, GenerationOptions, MediaRef, Reply
 
 
 class TextPart(BaseModel):
@@ -19,18 +19,47 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    """The image of an ``image_url`` part: a data: URL or a link."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str = Field(max_length=14_000_000)
+
+
+class ImagePart(BaseModel):
+    """An image part of a multi-part message content (routed to the image helper)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    def to_media(self) -> MediaRef:
+        """The contract's reference to this image."""
+        url = self.image_url.url
+        kind = url[5 : url.index(";")] if url.startswith("data:") and ";" in url else "image/*"
+        return MediaRef(url=url, content_type=kind)
+
+
 class RequestMessage(BaseModel):
     """A message as OpenAI clients send it; ``developer`` counts as ``system``."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
+
+    def media(self) -> list[MediaRef]:
+        """The images of this message."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.to_media() for part in self.content if isinstance(part, ImagePart)]
 
     def to_chat_message(self) -> ChatMessage:
         """The contract's form of this message."""
         if isinstance(self.content, list):
-            text = "\n".join(part.text for part in self.content)
+            text = "\n".join(part.text for part in self.content if isinstance(part, TextPart))
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role

@@ -42,7 +42,6 @@ RESET_TEXT = "Done: our conversation is cleared. What would you like to ask?"
 RATE_TEXT = "You've sent a lot of messages. Please wait a while before texting again."
 TOO_LONG_TEXT = "Your message is {length} characters long; please keep it under {limit}."
 EMPTY_TEXT = "Send me a question by text and I'll answer it."
-MEDIA_ONLY_TEXT = "I can't look at pictures yet. Please ask your question in words."
 SMS_BREVITY = " You are answering by SMS: reply in one or two short sentences, in plain text."
 
 
@@ -169,9 +168,8 @@ class SmsChannel:
         if length > limit:
             self._answer(inbound, TOO_LONG_TEXT.format(length=length, limit=limit))
             return "too long"
-        if not inbound.body.strip():
-            # Pictures alone wait for the image helper (issue 5) to be answered.
-            self._answer(inbound, MEDIA_ONLY_TEXT if inbound.media else EMPTY_TEXT)
+        if not inbound.body.strip() and not inbound.media:
+            self._answer(inbound, EMPTY_TEXT)
             return "empty"
         job = self.to_job(inbound)
         submit(self.celery, job, client=self.state.redis)

@@ -29,7 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Redis databases: one per kind of worker, so an echo worker never answers a model test.
-DB_ECHO, DB_MODEL, DB_NO_WORKER, DB_SMS, DB_SMS_PROXY, DB_EMAIL, DB_POLL = 0, 1, 2, 4, 5, 6, 7
+DB_ECHO, DB_MODEL, DB_NO_WORKER, DB_SMS, DB_SMS_PROXY, DB_EMAIL, DB_POLL, DB_HELPERS = (
+    0,
+    1,
+    2,
+    4,
+    5,
+    6,
+    7,
+    8,
+)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

@@ -24,6 +24,8 @@ def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
     assert services["deliver"]["command"][:2] == ["gpt4people", "deliver"]
     assert services["email"]["command"] == ["gpt4people", "email"]
     assert services["email"]["profiles"] == ["email"]
+    for helper in ("calc", "image", "time"):
+        assert services[f"helper-{helper}"]["command"][:3] == ["gpt4people", "helper", helper]
     assert "--appendonly yes" in services["redis"]["command"]
     assert "--requirepass" in services["redis"]["command"]
     assert services["worker"]["command"][:2] == ["gpt4people", "worker"]

@@ -164,6 +164,46 @@ def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_helper(args: argparse.Namespace, settings: Settings) -> int:
+    from helpers.worker import HelperNotFoundError, load_helper, run_helper_worker
+    from workers.app import app
+
+    try:
+        helper = load_helper(args.name)
+    except HelperNotFoundError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
+    hostname = args.hostname or f"{helper.name}@%h"
+    run_helper_worker(app, helper, hostname, args.concurrency, settings.log_level,
+                      settings.helper_ttl)  # fmt: skip
+    return 0
+
+
+def _cmd_helpers(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from helpers.registry import HelperRegistry
+    from workers.redis_server import RedisUnavailableError, ping, resolve_redis_url
+
+    url = resolve_redis_url(settings)
+    try:
+        ping(url, timeout=3)
+    except RedisUnavailableError as error:
+        raise CliError(str(error), EXIT_REDIS) from None
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
+        helpers = HelperRegistry(client, ttl=settings.helper_ttl).all()
+    if args.json:
+        print(json.dumps([{**h.__dict__, "live": h.live} for h in helpers], indent=2))
+        return 0
+    if not helpers:
+        print("no helpers registered (start one: gpt4people helper calc)")
+    for h in helpers:
+        state = f"live on {', '.join(h.instances)}" if h.live else "NOT RUNNING"
+        print(f"{h.name:<10} {state}\n           {h.description}\n"
+              f"           capabilities: {', '.join(h.capabilities) or '-'}"
+              + (f"; accepts: {', '.join(h.accepts)}" if h.accepts else ""))  # fmt: skip
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.status import collect_status, format_status
 
@@ -200,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)"
     )
     worker.set_defaults(handler=_cmd_worker)
+
+    helper = commands.add_parser("helper", help="run one helper (calc, image, time or a module)")
+    helper.add_argument("name", help="a built-in helper name, or a module path: pkg.mod[:attr]")
+    helper.add_argument("--hostname", help="Celery node name (default NAME@%%h)")
+    helper.add_argument("--concurrency", type=int, default=2, help="processes (default 2)")
+    helper.set_defaults(handler=_cmd_helper)
+
+    helpers = commands.add_parser("helpers", help="list registered helpers and their instances")
+    helpers.add_argument("--json", action="store_true", help="print the list as JSON")
+    helpers.set_defaults(handler=_cmd_helpers)
 
     email = commands.add_parser("email", help="answer mail: watch the IMAP mailbox (GPT4P_IMAP_*)")
     email.set_defaults(handler=_cmd_email)

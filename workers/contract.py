@@ -41,6 +41,11 @@ def helper_queue(name: str) -> str:
     return f"helper.{name}"
 
 
+def helper_task(name: str) -> str:
+    """The task that runs the helper called `name`."""
+    return f"gpt4people.helper.{name}"
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 

@@ -7,8 +7,10 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers.contract import FinishReason, GenerationOptions, Job, Reply
+from helpers.registry import HelperInfo
+from workers.contract import ChatMessage, FinishReason, GenerationOptions, Job, Reply
 from workers.engines import Engine, Generation, PromptTooLongError, TextSink
+from workers.routing import HelperGateway, HelperOutcome, parse_explicit, parse_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,100 @@ def _retry_options(options: GenerationOptions) -> GenerationOptions:
     return options.model_copy(update={"temperature": RETRY_TEMPERATURE, "seed": seed})
 
 
-def answer(job: Job, engine: Engine, worker: str = "", on_text: TextSink | None = None) -> Reply:
+def answer(
+    job: Job,
+    engine: Engine,
+    worker: str = "",
+    on_text: TextSink | None = None,
+    helpers: HelperGateway | None = None,
+    offer_tools: bool = False,
+) -> Reply:
+    """Answer `job`: through a helper when one is named or fits its media, else the model."""
+    if helpers is not None:
+        routed = _route(job, engine, helpers, offer_tools, on_text)
+        if routed is not None:
+            return routed.model_copy(update={"worker": worker})
+    return generate_reply(job, engine, worker, on_text)
+
+
+def _helper_reply(job: Job, outcome: HelperOutcome) -> Reply:
+    return Reply(job_id=job.id, channel=job.channel, reply_to=job.reply_to,
+                 reply_from=job.reply_from, context=job.context, text=outcome.text,
+                 model=outcome.name, engine="helper",
+                 finish_reason="stop" if outcome.ok else "fallback")  # fmt: skip
+
+
+def _tool_instruction(helpers: list[HelperInfo]) -> str:
+    listed = "\n".join(f"- {h.name}: {h.description}" for h in helpers)
+    return (
+        "\n\nYou can use these helpers:\n" + listed + "\nTo use one, reply with only a JSON "
+        'object such as {"helper": "NAME", "input": "TEXT"} and nothing else.'
+    )
+
+
+def _route(
+    job: Job, engine: Engine, helpers: HelperGateway, offer_tools: bool, on_text: TextSink | None
+) -> Reply | None:
+    explicit = parse_explicit(job.prompt)
+    if explicit is not None:
+        name, text = explicit
+        return _helper_reply(job, helpers.call(name, text, job.media, job.channel))
+    if job.media:
+        fitting = helpers.for_media(job.media)
+        if fitting is not None:
+            outcome = helpers.call(fitting.name, job.prompt, job.media, job.channel)
+            return _helper_reply(job, outcome)
+        if not job.prompt.strip():
+            text = "I can't look at pictures right now. Please ask your question in words."
+            return _helper_reply(job, HelperOutcome("none", text, ok=False))
+    live = helpers.live() if offer_tools else []
+    if not live:
+        return None
+    return _answer_with_tools(job, engine, helpers, live, on_text)
+
+
+def _answer_with_tools(
+    job: Job, engine: Engine, helpers: HelperGateway, live: list[HelperInfo],
+    on_text: TextSink | None,
+) -> Reply | None:  # fmt: skip
+    """Offer the live helpers; run one if the model asks, then let it answer with the result."""
+    messages = list(job.messages)
+    instruction = _tool_instruction(live)
+    if messages[0].role == "system":
+        messages[0] = ChatMessage(role="system", content=messages[0].content + instruction)
+    else:
+        messages.insert(0, ChatMessage(role="system", content=instruction.strip()))
+    first = engine.generate(messages, job.options)
+    call = parse_tool_call(first.text, {h.name for h in live})
+    if call is None:
+        return None if not first.text.strip() else _model_reply(job, engine, first, on_text)
+    outcome = helpers.call(call[0], call[1], job.media, job.channel)
+    follow_up = ChatMessage(
+        role="user",
+        content=f"The {call[0]} helper answered: {outcome.text}\nUse that to answer my question.",
+    )
+    assistant = ChatMessage(role="assistant", content=first.text.strip())
+    with_result = job.model_copy(update={"messages": [*messages, assistant, follow_up]})
+    return generate_reply(with_result, engine, "", on_text)
+
+
+def _model_reply(
+    job: Job, engine: Engine, generation: Generation, on_text: TextSink | None
+) -> Reply:
+    text = generation.text.strip()
+    if on_text is not None:
+        on_text(text)
+    return Reply(job_id=job.id, channel=job.channel, reply_to=job.reply_to,
+                 reply_from=job.reply_from, context=job.context, text=text,
+                 model=engine.model_name, engine=engine.name,
+                 finish_reason=generation.finish_reason,
+                 prompt_tokens=generation.prompt_tokens,
+                 completion_tokens=generation.completion_tokens)  # fmt: skip
+
+
+def generate_reply(
+    job: Job, engine: Engine, worker: str = "", on_text: TextSink | None = None
+) -> Reply:
     """Generate the answer to `job`; blank generations are retried, then replaced politely."""
     started = time.monotonic()
     finish_reason: FinishReason

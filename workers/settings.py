@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     )
 
     # --- the model ----------------------------------------------------------------------
-    engine: Literal["llama", "echo"] = Field(
-        "llama", description="`llama` runs the GGUF model; `echo` answers with the prompt."
+    engine: Literal["llama", "echo", "scripted"] = Field(
+        "llama",
+        description="`llama` runs the GGUF model; `echo` answers with the prompt; `scripted` "
+        "follows fixed rules (calls helpers on request) for wiring tests.",
     )
     model_path: Path | None = Field(
         None, description="A GGUF file; unset: the bundled Gemma 3 270M Q4_K_M."
@@ -112,6 +114,16 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of every process."
+    )
+
+    # --- helpers ----------------------------------------------------------------------
+    model_tools: bool = Field(
+        False,
+        description="Offer the live helpers to the model as tools (for instruct models; "
+        "small base models call tools poorly). /name routing works regardless.",
+    )
+    helper_ttl: float = Field(
+        15.0, gt=1, le=3600, description="Seconds a helper stays live without a heartbeat."
     )
 
     # --- SMS (Twilio) -----------------------------------------------------------------

@@ -31,6 +31,8 @@ from workers.redis_server import (
 )
 from workers.settings import Settings
 
+BUILT_IN_HELPERS = ("calc", "image", "time")
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
@@ -102,6 +104,11 @@ class Stack:
         children.append(
             Child("deliver", [python, "-m", "workers.cli", "deliver", "--hostname", "deliver@%h"])
         )
+        children.extend(
+            Child(f"helper-{name}", [python, "-m", "workers.cli", "helper", name,
+                                     "--concurrency", "1"])
+            for name in BUILT_IN_HELPERS
+        )  # fmt: skip
         if self.settings.imap_host:
             children.append(Child("email", [python, "-m", "workers.cli", "email"]))
         children.append(

@@ -12,6 +12,7 @@ import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from helpers.registry import HelperRegistry
 from workers.app import app
 from workers.contract import (
     DELIVERED_CHANNELS,
@@ -22,6 +23,7 @@ from workers.contract import (
 )
 from workers.core import answer
 from workers.engines import Engine, TextSink, create_engine
+from workers.routing import HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
 
@@ -29,6 +31,18 @@ log = logging.getLogger(__name__)
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
+_gateway: HelperGateway | None = None
+
+
+def get_gateway() -> HelperGateway:
+    """This process's way to call helpers (one Redis connection pool)."""
+    global _gateway
+    if _gateway is None:
+        client = redis.Redis.from_url(
+            str(app.conf.broker_url), socket_timeout=10, socket_connect_timeout=5
+        )
+        _gateway = HelperGateway(app, HelperRegistry(client, ttl=get_settings().helper_ttl))
+    return _gateway
 
 
 def get_engine() -> Engine:
@@ -76,12 +90,14 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """Answer one job; the returned dict is a `Reply` in JSON form."""
     job = Job.model_validate(job_data)
     worker = self.request.hostname or ""
+    helpers, tools = get_gateway(), get_settings().model_tools
     if job.options.stream:
         url = str(self.app.conf.broker_url)
         with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as client:
-            reply = answer(job, get_engine(), worker, on_text=_stream_sink(job, client))
+            sink = _stream_sink(job, client)
+            reply = answer(job, get_engine(), worker, sink, helpers, tools)
     else:
-        reply = answer(job, get_engine(), worker)
+        reply = answer(job, get_engine(), worker, None, helpers, tools)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,

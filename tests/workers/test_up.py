@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,6 +46,14 @@ def test_up_starts_everything_and_stops_leaving_nothing(
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "pong" in ping.stdout, ping.stdout + ping.stderr
+
+        def helpers_live() -> bool:
+            listed = json.loads(run_cli(["helpers", "--json"], env).stdout)
+            return {h["name"] for h in listed if h["live"]} >= {"calc", "image", "time"}
+
+        wait_for(helpers_live, 60, "the built-in helpers to be live", every=0.5)
+        calc = run_cli(["ask", "--timeout", "30", "/calc (2+3)*4 - 2**3"], env)
+        assert calc.stdout.strip() == "12"
         second = run_cli(["up"], env, timeout=60)
         assert second.returncode == 2
         assert "already running" in second.stderr

@@ -52,6 +52,10 @@ def create_engine(settings: Settings) -> Engine:
         from workers.engines.echo import EchoEngine
 
         return EchoEngine()
+    if settings.engine == "scripted":
+        from workers.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine()
     from workers.engines.llama import LlamaEngine
 
     return LlamaEngine.load(settings)

@@ -1,0 +1,105 @@
+"""The helper SDK: declare a helper in one short module.
+
+    from helpers.sdk import HelperRequest, HelperResult, helper
+
+    @helper("shout", "Repeats your text in capitals.", capabilities=["text.upper"])
+    def shout(request: HelperRequest) -> HelperResult:
+        return HelperResult(text=request.text.upper())
+
+`gpt4people helper mypackage.shout` then runs it as a Celery worker on queue
+``helper.shout``, registered in Redis with a heartbeat, and ``/shout hello``
+on any channel is routed to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.contract import MediaRef
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class HelperError(Exception):
+    """A helper cannot do what was asked; the message is shown to the user as is."""
+
+
+class HelperRequest(BaseModel):
+    """What a helper receives: only the text and media it works on, never who asked."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = Field("", max_length=100_000)
+    media: list[MediaRef] = Field(default_factory=list, max_length=10)
+    channel: str = Field("", description="Where the answer goes (decides if images fit).")
+
+
+class HelperResult(BaseModel):
+    """What a helper returns: text always, an image where useful."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=20_000)
+    image_base64: str | None = Field(None, max_length=15_000_000)
+    image_type: str | None = None
+
+
+Handler = Callable[[HelperRequest], HelperResult]
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A declared helper: its public description and its handler."""
+
+    name: str
+    description: str
+    handler: Handler
+    capabilities: tuple[str, ...] = ()
+    accepts: tuple[str, ...] = field(default_factory=tuple)
+    version: str = "1"
+    time_limit: float = 20.0
+    max_input_chars: int = 2000
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise ValueError(f"helper name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if not 0 < self.time_limit <= 600:
+            raise ValueError("time_limit must be between 0 and 600 seconds")
+
+    def run(self, request: HelperRequest) -> HelperResult:
+        """Check the request against this helper's limits, then handle it."""
+        if len(request.text) > self.max_input_chars:
+            raise HelperError(
+                f"that is too long for {self.name} (at most {self.max_input_chars} characters)"
+            )
+        return self.handler(request)
+
+
+def helper(
+    name: str,
+    description: str,
+    capabilities: Sequence[str] = (),
+    accepts: Sequence[str] = (),
+    version: str = "1",
+    time_limit: float = 20.0,
+    max_input_chars: int = 2000,
+) -> Callable[[Handler], Helper]:
+    """Declare a helper: `accepts` lists the media types it handles (e.g. ``image/png``)."""
+
+    def declare(handler: Handler) -> Helper:
+        return Helper(
+            name=name,
+            description=description,
+            handler=handler,
+            capabilities=tuple(capabilities),
+            accepts=tuple(accepts),
+            version=version,
+            time_limit=time_limit,
+            max_input_chars=max_input_chars,
+        )
+
+    return declare

@@ -1,0 +1,95 @@
+"""Running a helper: its Celery task on queue ``helper.<name>``, registered with a heartbeat."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.signals import worker_ready, worker_shutdown
+
+from helpers.registry import Heartbeat, HelperRegistry
+from helpers.sdk import Helper, HelperError, HelperRequest
+from workers.contract import helper_queue, helper_task
+
+log = logging.getLogger(__name__)
+
+BUILT_IN = {"calc": "helpers.calc", "image": "helpers.image", "time": "helpers.timezone"}
+
+
+class HelperNotFoundError(LookupError):
+    """No helper by that name or module; the message says what exists."""
+
+
+def load_helper(name: str) -> Helper:
+    """A built-in helper by name, or the `Helper` in a module (``pkg.mod`` or ``pkg.mod:attr``)."""
+    module_name, _, attribute = BUILT_IN.get(name, name).partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise HelperNotFoundError(
+            f"no helper {name!r}: built-in ones are {', '.join(BUILT_IN)}, or give a module "
+            f"path such as mypackage.myhelper ({error})"
+        ) from None
+    if attribute:
+        found = getattr(module, attribute, None)
+        if not isinstance(found, Helper):
+            raise HelperNotFoundError(f"{module_name}:{attribute} is not a helper")
+        return found
+    helpers = [value for value in vars(module).values() if isinstance(value, Helper)]
+    if len(helpers) != 1:
+        raise HelperNotFoundError(
+            f"{module_name} must define exactly one helper (found {len(helpers)})"
+        )
+    return helpers[0]
+
+
+def register_task(app: Celery, helper: Helper) -> Task:
+    """The Celery task that runs `helper`, with its time limits."""
+
+    @app.task(
+        name=helper_task(helper.name),
+        bind=True,
+        soft_time_limit=helper.time_limit,
+        time_limit=helper.time_limit + 5,
+    )
+    def run_helper(self: Task, request_data: dict[str, Any]) -> dict[str, Any]:
+        request = HelperRequest.model_validate(request_data)
+        try:
+            return helper.run(request).model_dump()
+        except HelperError as error:
+            return {"error": str(error)}
+
+    return run_helper
+
+
+def run_helper_worker(
+    app: Celery, helper: Helper, hostname: str, concurrency: int, loglevel: str, ttl: float
+) -> None:
+    """Run `helper` as a Celery worker until stopped, registered while it runs."""
+    register_task(app, helper)
+    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
+                                  socket_connect_timeout=5)  # fmt: skip
+    registry = HelperRegistry(client, ttl=ttl)
+    beats: list[Heartbeat] = []
+
+    @worker_ready.connect(weak=False)
+    def _registered(sender: Any, **_: object) -> None:
+        registry.register(helper, sender.hostname)
+        beat = Heartbeat(registry, helper.name, sender.hostname)
+        beat.start()
+        beats.append(beat)
+        log.info("helper %s registered as %s", helper.name, sender.hostname)
+
+    @worker_shutdown.connect(weak=False)
+    def _deregistered(**_: object) -> None:
+        for beat in beats:
+            beat.stop()
+
+    app.worker_main([
+        "worker", "--queues", helper_queue(helper.name), "--hostname", hostname,
+        "--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
+        "--without-mingle", "--without-gossip", "--task-events",
+    ])  # fmt: skip
