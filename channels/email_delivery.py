@@ -9,6 +9,7 @@ SEND_IN_FLIGHT_TTL_S, with the same Message-ID, which mail clients show once.
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import random
@@ -89,6 +90,11 @@ def compose_reply(reply: Reply, settings: Settings) -> EmailMessage:
         quoted = f"<blockquote>{html.escape(quote).replace(chr(10), '<br>')}</blockquote>"
         message.add_alternative(f"<html><body>{paragraphs}{quoted if quote else ''}</body></html>",
                                 subtype="html")  # fmt: skip
+    image, kind = reply.context.get("image_base64"), reply.context.get("image_type", "")
+    if image and kind.startswith("image/"):
+        subtype = kind.split("/", 1)[1]
+        message.add_attachment(base64.b64decode(image), maintype="image", subtype=subtype,
+                               filename=f"image.{subtype}")  # fmt: skip
     return message
 
 

@@ -44,9 +44,16 @@ def answer(
     return generate_reply(job, engine, worker, on_text)
 
 
+# Channels that can carry a helper's image with the text (as an attachment).
+IMAGE_CHANNELS = frozenset({"email"})
+
+
 def _helper_reply(job: Job, outcome: HelperOutcome) -> Reply:
+    context = dict(job.context)
+    if outcome.image_base64 and outcome.image_type and job.channel in IMAGE_CHANNELS:
+        context.update(image_base64=outcome.image_base64, image_type=outcome.image_type)
     return Reply(job_id=job.id, channel=job.channel, reply_to=job.reply_to,
-                 reply_from=job.reply_from, context=job.context, text=outcome.text,
+                 reply_from=job.reply_from, context=context, text=outcome.text,
                  model=outcome.name, engine="helper",
                  finish_reason="stop" if outcome.ok else "fallback")  # fmt: skip
 

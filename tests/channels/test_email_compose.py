@@ -1,0 +1,32 @@
+"""Composing replies: threading headers and a helper's image as an attachment."""
+
+from __future__ import annotations
+
+import base64
+
+from channels.email_delivery import compose_reply
+from workers.contract import Reply
+from workers.settings import Settings
+
+
+def reply(**context: str) -> Reply:
+    return Reply(job_id="email-1", channel="email", reply_to="ann@example.org", text="Done.",
+                 model="image", engine="helper",
+                 context={"subject": "Re: Re: Pic", "message_id": "<q@x>", **context})  # fmt: skip
+
+
+def test_a_helpers_image_is_attached() -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(20)
+    encoded = base64.b64encode(png).decode()
+    settings = Settings(email_from="bot@x.org")
+    message = compose_reply(reply(image_base64=encoded, image_type="image/png"), settings)
+    attachments = list(message.iter_attachments())
+    assert [a.get_content_type() for a in attachments] == ["image/png"]
+    assert attachments[0].get_content() == png
+    assert message["Subject"] == "Re: Pic"
+
+
+def test_a_reply_without_image_has_no_attachment() -> None:
+    message = compose_reply(reply(), Settings(email_from="bot@x.org"))
+    assert list(message.iter_attachments()) == []
+    assert message["Message-ID"] == "<gpt4p-email-1@x.org>"
