@@ -29,16 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Redis databases: one per kind of worker, so an echo worker never answers a model test.
-DB_ECHO, DB_MODEL, DB_NO_WORKER, DB_SMS, DB_SMS_PROXY, DB_EMAIL, DB_POLL, DB_HELPERS = (
-    0,
-    1,
-    2,
-    4,
-    5,
-    6,
-    7,
-    8,
-)
+DB_ECHO = 0
+DB_MODEL = 1
+DB_NO_WORKER = 2
+DB_SMS = 4
+DB_SMS_PROXY = 5
+DB_EMAIL = 6
+DB_POLL = 7
+DB_HELPERS = 8
+DB_GPU = 9
+DB_SCALE = 10
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

@@ -49,7 +49,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     from workers.app import app
     from workers.client import JobFailedError, JobTimeoutError, submit, wait_for_reply
-    from workers.contract import ChatMessage, GenerationOptions, Job
+    from workers.contract import INFERENCE_QUEUE, ChatMessage, GenerationOptions, Job, gpu_queue
     from workers.redis_server import RedisUnavailableError, ping
 
     prompt = " ".join(args.prompt).strip()
@@ -73,9 +73,10 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         reply_to="cli",
     )
     timeout = args.timeout or settings.job_timeout
+    queue = gpu_queue(args.gpu) if args.gpu is not None else INFERENCE_QUEUE
     try:
         ping(str(app.conf.broker_url), timeout=3)
-        submit(app, job)
+        submit(app, job, queue=queue)
         reply = wait_for_reply(app, job.id, timeout)
     except RedisUnavailableError as error:
         raise CliError(
@@ -83,7 +84,7 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         ) from None
     except JobTimeoutError as error:
         raise CliError(
-            f"{error}; is a worker running? (`gpt4people status`)", EXIT_TIMEOUT
+            f"{error}; is a worker consuming {queue}? (`gpt4people status`)", EXIT_TIMEOUT
         ) from None
     except JobFailedError as error:
         raise CliError(str(error), EXIT_FAILED) from None
@@ -97,13 +98,18 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers.contract import INFERENCE_QUEUE, gpu_queue
 
+    if args.gpus is not None:
+        return _run_gpu_workers(args)
     queues = [INFERENCE_QUEUE]
     hostname = args.hostname or "worker@%h"
+    concurrency = args.concurrency or settings.worker_concurrency
     if args.gpu is not None:
-        # Must be set before llama.cpp is imported: the pool processes inherit it.
+        # Set before llama.cpp is imported anywhere: the pool processes inherit both.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        os.environ["GPT4P_GPU"] = str(args.gpu)  # offload all layers unless told otherwise
         queues.append(gpu_queue(args.gpu))
         hostname = args.hostname or f"gpu{args.gpu}@%h"
+        concurrency = 1  # one inference at a time per GPU
     if settings.engine == "llama":
         from workers.model_files import resolve_model_path
 
@@ -112,7 +118,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         sys.executable, "-m", "celery", "-A", "workers", "worker",
         "--queues", ",".join(queues),
         "--hostname", hostname,
-        "--concurrency", str(args.concurrency or settings.worker_concurrency),
+        "--concurrency", str(concurrency),
         "--pool", "prefork",
         "--loglevel", settings.log_level,
         "--without-mingle", "--without-gossip",
@@ -121,6 +127,25 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached
+
+
+def _run_gpu_workers(args: argparse.Namespace) -> int:
+    """One pinned worker per GPU found, supervised until Ctrl-C or SIGTERM."""
+    from workers.gpus import NoGpuError, detect_gpus
+    from workers.supervisor import Child, supervise
+
+    if args.gpus != "all":
+        raise CliError("--gpus takes 'all' (or use --gpu N for one GPU)", EXIT_SETTINGS)
+    try:
+        indexes = detect_gpus()
+    except NoGpuError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
+    children = [
+        Child(f"gpu{i}", [sys.executable, "-m", "workers.cli", "worker", "--gpu", str(i)])
+        for i in indexes
+    ]
+    print(f"gpt4people: starting {len(children)} pinned worker(s): GPUs {indexes}", flush=True)
+    return supervise(children)
 
 
 def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
@@ -231,10 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
     ask.add_argument("--timeout", type=float, help="seconds to wait (default GPT4P_JOB_TIMEOUT)")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ask.add_argument("--gpu", type=int, help="send it to the worker pinned to this GPU")
     ask.set_defaults(handler=_cmd_ask)
 
     worker = commands.add_parser("worker", help="run one inference worker in the foreground")
-    worker.add_argument("--gpu", type=int, help="pin to this GPU and also consume its queue")
+    pin = worker.add_mutually_exclusive_group()
+    pin.add_argument("--gpu", type=int, help="pin to this GPU and also consume its queue")
+    pin.add_argument("--gpus", metavar="all", help="one pinned worker per GPU found (all)")
     worker.add_argument("--hostname", help="Celery node name (default worker@%%h or gpuN@%%h)")
     worker.add_argument(
         "--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)"

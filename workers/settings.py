@@ -72,8 +72,15 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(
         None, ge=1, le=512, description="CPU threads for decoding; unset: all cores."
     )
-    n_gpu_layers: int = Field(
-        0, ge=-1, le=10_000, description="Layers offloaded to the GPU; -1 offloads all."
+    n_gpu_layers: int | None = Field(
+        None,
+        ge=-1,
+        le=10_000,
+        description="Layers offloaded to the GPU; -1 offloads all; unset: all on a worker "
+        "pinned with --gpu, none otherwise.",
+    )
+    gpu: int | None = Field(
+        None, ge=0, le=255, description="Set by `worker --gpu N`: the GPU this worker is pinned to."
     )
     max_tokens: int = Field(
         256, ge=1, le=32_768, description="Default and ceiling for tokens in one answer."

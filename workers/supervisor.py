@@ -196,28 +196,58 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every child (web first, Redis last), killing whatever outlives the grace period."""
-        order = sorted(self.children, key=lambda c: {"web": 0, "flower": 1}.get(c.name, 2))
-        for child in order:
-            # The leader only: a Celery worker then finishes its pool's jobs itself.
-            if child.alive() and child.process is not None:
-                child.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in order:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
-            # Pool processes may outlive their parent: kill the rest of the group.
-            child.signal_group(signal.SIGKILL)
-            try:
-                child.process.wait(KILL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                log.error("%s (pid %d) survived SIGKILL", child.name, child.process.pid)
+        stop_children(sorted(self.children, key=lambda c: {"web": 0, "flower": 1}.get(c.name, 2)))
         if self.redis is not None:
             self.redis.stop()
             remove_runtime_url(self.settings)
+
+
+def stop_children(order: list[Child]) -> None:
+    """SIGTERM each child's leader, wait out the grace period, then kill their groups."""
+    for child in order:
+        # The leader only: a Celery worker then finishes its pool's jobs itself.
+        if child.alive() and child.process is not None:
+            child.process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in order:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+        # Pool processes may outlive their parent: kill the rest of the group.
+        child.signal_group(signal.SIGKILL)
+        try:
+            child.process.wait(KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.error("%s (pid %d) survived SIGKILL", child.name, child.process.pid)
+
+
+def supervise(children: list[Child]) -> int:
+    """Run `children` in the foreground until SIGINT/SIGTERM or until one exits."""
+    stopping = False
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        for child in children:
+            child.start(dict(os.environ))
+        while not stopping and status == 0:
+            dead = [c for c in children if not c.alive()]
+            if dead:
+                print(f"gpt4people: {dead[0].name} exited; stopping", file=sys.stderr, flush=True)
+                status = 1
+            time.sleep(0.2)
+    finally:
+        stop_children(children)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return status
 
 
 def run_stack(settings: Settings, workers: int) -> int:

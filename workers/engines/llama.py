@@ -40,17 +40,20 @@ class LlamaEngine:
         """Load the configured GGUF (GPT4P_MODEL_PATH or the bundled default)."""
         path = path or resolve_model_path(settings)
         started = time.monotonic()
+        gpu_layers = settings.n_gpu_layers
+        if gpu_layers is None:
+            gpu_layers = -1 if settings.gpu is not None else 0
         llm = Llama(
             model_path=str(path),
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads or os.cpu_count() or 1,
-            n_gpu_layers=settings.n_gpu_layers,
+            n_gpu_layers=gpu_layers,
             seed=settings.seed if settings.seed is not None else 0xFFFFFFFF,
             verbose=False,
         )
         log.info(
             "model loaded: %s in %.2fs (n_ctx=%d, gpu_layers=%d)",
-            path.name, time.monotonic() - started, settings.n_ctx, settings.n_gpu_layers,
+            path.name, time.monotonic() - started, settings.n_ctx, gpu_layers,
         )  # fmt: skip
         return cls(llm, settings, model_label(settings))
 
