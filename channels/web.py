@@ -5,11 +5,13 @@ Run it with ``uvicorn channels.web:create_app --factory`` (``gpt4people up`` doe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,7 @@ from channels.openai_schema import error_body
 from channels.sms import router as sms_router
 from channels.sms import sync_redis_for
 from workers.app import celery_for
+from workers.liveness import live_workers
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
@@ -91,12 +94,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: Redis answers, so jobs can be accepted."""
+        """Readiness: Redis answers and at least one inference worker is alive."""
         try:
             await request.app.state.redis.ping()
-        except aioredis.RedisError as error:
+            workers = await asyncio.to_thread(live_workers, request.app.state.sync_redis)
+        except (aioredis.RedisError, redis.RedisError) as error:
             log.warning("not ready: Redis unreachable (%s)", error.__class__.__name__)
             return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
-        return JSONResponse({"status": "ok", "redis": "up"})
+        body = {"status": "ok" if workers else "unavailable", "redis": "up", "workers": workers}
+        return JSONResponse(body, status_code=200 if workers else 503)
 
     return app

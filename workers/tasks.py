@@ -10,12 +10,18 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from helpers.registry import HelperRegistry
 from workers.app import app
 from workers.contract import (
     DELIVERED_CHANNELS,
+    INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
     delivery_queue,
@@ -23,6 +29,7 @@ from workers.contract import (
 )
 from workers.core import answer
 from workers.engines import Engine, TextSink, create_engine
+from workers.liveness import WorkerHeartbeat
 from workers.routing import HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
@@ -66,6 +73,27 @@ def _load_engine_in_child(**_: object) -> None:
         log.critical("cannot load the model (%s); stopping this worker", error)
         os.kill(os.getppid(), signal.SIGTERM)
         raise
+
+
+_heartbeats: list[WorkerHeartbeat] = []
+
+
+@worker_ready.connect
+def _announce_inference_worker(sender: Any, **_: object) -> None:
+    # Only workers that answer jobs count for readiness (not helpers or deliverers).
+    queues = {q.name for q in sender.task_consumer.queues}
+    if INFERENCE_QUEUE not in queues:
+        return
+    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=5)
+    heartbeat = WorkerHeartbeat(client, sender.hostname)
+    heartbeat.start()
+    _heartbeats.append(heartbeat)
+
+
+@worker_shutdown.connect
+def _retire_inference_worker(**_: object) -> None:
+    for heartbeat in _heartbeats:
+        heartbeat.stop()
 
 
 @worker_process_shutdown.connect

@@ -8,6 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from channels.web import create_app
+from tests.conftest import DB_NO_WORKER, redis_url
+from workers.redis_server import RedisServer
 from workers.settings import Settings
 
 
@@ -107,7 +109,18 @@ def test_an_oversized_prompt_is_refused_politely(echo_web: str) -> None:
 
 def test_health_and_readiness(echo_web: str) -> None:
     assert httpx.get(f"{echo_web}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{echo_web}/readyz").json()["redis"] == "up"
+    ready = httpx.get(f"{echo_web}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["redis"] == "up"
+    assert "echo@test" in ready.json()["workers"]
+
+
+def test_not_ready_without_a_live_inference_worker(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_url(redis_server, DB_NO_WORKER), engine="echo")
+    with TestClient(create_app(settings)) as web:
+        response = web.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "redis": "up", "workers": []}
 
 
 def test_an_api_key_when_configured_is_required(echo_worker: str) -> None:
