@@ -27,6 +27,7 @@ from channels.email import PREFIX, EmailRecords, digest
 from channels.email_parse import base_subject
 from workers.app import app
 from workers.contract import ChatMessage, Reply, delivery_task
+from workers.metrics import Metrics
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,15 @@ def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
         client.delete(key)
         if self.request.retries >= settings.email_max_retries:
             log.error("reply %s to %s abandoned: %s", reply.job_id, who, error)
+            Metrics(client).count("gpt4p_delivery_failures",
+                                  {"channel": "email", "reason": "abandoned"})  # fmt: skip
             return {"status": "abandoned"}
         log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
         raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
     except PermanentSmtpError as error:
         client.set(key, "refused", ex=SENT_TTL_S)
         log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
+        Metrics(client).count("gpt4p_delivery_failures", {"channel": "email", "reason": "refused"})
         return {"status": "refused"}
     message_id = str(message["Message-ID"])
     client.set(key, message_id, ex=SENT_TTL_S)
@@ -175,4 +179,5 @@ def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
         message_id, ChatMessage(role="assistant", content=reply.text)
     )
     log.info("reply %s sent to %s", reply.job_id, who)
+    Metrics(client).count("gpt4p_deliveries", {"channel": "email"})
     return {"status": "delivered", "message_id": message_id}

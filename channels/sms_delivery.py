@@ -26,6 +26,7 @@ from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
 from workers.app import app
 from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
+from workers.metrics import Metrics
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
         if self.request.retries >= settings.sms_max_retries:
             log.error("reply %s to %s abandoned after %d retries: %s",
                       reply.job_id, who, self.request.retries, error)  # fmt: skip
+            Metrics(state.redis).count("gpt4p_delivery_failures",
+                                       {"channel": "sms", "reason": "abandoned"})  # fmt: skip
             return {"sent": 0, "status": "abandoned"}
         log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
         raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
@@ -146,10 +149,13 @@ def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
         log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
         if error.code in OPTED_OUT_CODES:
             state.opt_out(reply.reply_to)
+        Metrics(state.redis).count("gpt4p_delivery_failures",
+                                   {"channel": "sms", "reason": "refused"})  # fmt: skip
         return {"sent": 0, "status": "refused", "code": error.code}
     if reply.engine != "keyword":
         state.remember(reply.reply_to, ChatMessage(role="assistant", content=reply.text))
     log.info("reply %s sent to %s in %d part(s)", reply.job_id, who, sent)
+    Metrics(state.redis).count("gpt4p_deliveries", {"channel": "sms"})
     return {"sent": sent, "status": "delivered"}
 
 

@@ -15,7 +15,8 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from channels.http import ApiError
@@ -25,6 +26,7 @@ from channels.sms import router as sms_router
 from channels.sms import sync_redis_for
 from workers.app import celery_for
 from workers.liveness import live_workers
+from workers.metrics import RedisCollector
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
@@ -91,6 +93,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         """Liveness: the web process answers."""
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of every process, recorded in Redis."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(RedisCollector(request.app.state.sync_redis))
+        try:
+            body = await asyncio.to_thread(generate_latest, registry)
+        except redis.RedisError:
+            return Response("# Redis unavailable\n", status_code=503, media_type="text/plain")
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:

@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
+from workers.metrics import Metrics
 from workers.privacy import job_summary
 from workers.redis_server import RedisUnavailableError, redact_url
 
@@ -81,6 +82,7 @@ def submit(
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
+        Metrics(client).count("gpt4p_jobs_received", {"channel": job.channel})
     except (redis.RedisError, OperationalError) as error:
         if claimed and key is not None:
             _release(client, key)  # a retry of this source message must enqueue it again

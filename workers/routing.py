@@ -21,6 +21,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from helpers.registry import HelperInfo, HelperRegistry
 from helpers.sdk import HelperRequest
 from workers.contract import MediaRef, helper_task
+from workers.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,18 @@ class HelperGateway:
             state = "is not running right now" if info else "does not exist"
             message = f"The helper '{name}' {state}. {_available(everyone)}"
             return HelperOutcome(name, message, ok=False)
+        metrics = Metrics(self.registry.redis)
+        metrics.count("gpt4p_helper_calls", {"helper": name})
+        outcome = self._run(info, text, media, channel)
+        if not outcome.ok:
+            reason = "timeout" if "too long" in outcome.text else "error"
+            metrics.count("gpt4p_helper_failures", {"helper": name, "reason": reason})
+        return outcome
+
+    def _run(
+        self, info: HelperInfo, text: str, media: list[MediaRef], channel: str
+    ) -> HelperOutcome:
+        name = info.name
         request = HelperRequest(text=text, media=media, channel=channel)
         result = self.app.send_task(
             helper_task(name), args=[request.model_dump(mode="json")], queue=info.queue,

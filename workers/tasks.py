@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -24,12 +27,14 @@ from workers.contract import (
     INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
+    Reply,
     delivery_queue,
     delivery_task,
 )
 from workers.core import answer
 from workers.engines import Engine, TextSink, create_engine
 from workers.liveness import WorkerHeartbeat
+from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from workers.routing import HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
@@ -65,8 +70,12 @@ def get_engine() -> Engine:
 def _load_engine_in_child(**_: object) -> None:
     # Loaded in each pool process after the fork: llama.cpp state must not be
     # shared across fork, and the first job should not pay for the load.
+    started = time.monotonic()
     try:
         get_engine()
+        process = f"{socket.gethostname()}:{os.getpid()}"
+        _metrics().gauge("gpt4p_model_load_seconds", {"worker": process},
+                         time.monotonic() - started)  # fmt: skip
     except Exception as error:
         # A model that cannot load never will: stop the worker instead of letting
         # the pool restart this process in a loop.
@@ -113,19 +122,57 @@ def _stream_sink(job: Job, client: redis.Redis) -> TextSink:
     return publish
 
 
+class _Timing:
+    """When a job started on this worker and when its first text appeared."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_text: float | None = None
+
+    def wrap(self, sink: TextSink | None) -> TextSink:
+        def on_text(text: str) -> None:
+            if self.first_text is None and text.strip():
+                self.first_text = time.monotonic()
+            if sink is not None:
+                sink(text)
+
+        return on_text
+
+
+def _metrics() -> Metrics:
+    return Metrics(get_gateway().registry.redis)
+
+
+def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
+    metrics, elapsed = _metrics(), time.monotonic() - timing.started
+    latency = (datetime.now(UTC) - job.created_at).total_seconds()
+    metrics.observe("gpt4p_job_latency_seconds", {"channel": job.channel}, latency,
+                    LATENCY_BUCKETS)  # fmt: skip
+    if timing.first_text is not None and reply.engine not in {"helper"}:
+        metrics.observe("gpt4p_time_to_first_token_seconds", {"engine": reply.engine},
+                        timing.first_text - timing.started, FIRST_TOKEN_BUCKETS)  # fmt: skip
+    if reply.completion_tokens:
+        metrics.count("gpt4p_tokens_generated", {"model": reply.model}, reply.completion_tokens)
+        if elapsed > 0:
+            metrics.gauge("gpt4p_worker_tokens_per_second", {"worker": worker},
+                          reply.completion_tokens / elapsed)  # fmt: skip
+
+
 @app.task(name=INFERENCE_TASK, bind=True)
 def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """Answer one job; the returned dict is a `Reply` in JSON form."""
     job = Job.model_validate(job_data)
     worker = self.request.hostname or ""
     helpers, tools = get_gateway(), get_settings().model_tools
+    timing = _Timing()
     if job.options.stream:
         url = str(self.app.conf.broker_url)
         with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as client:
-            sink = _stream_sink(job, client)
+            sink = timing.wrap(_stream_sink(job, client))
             reply = answer(job, get_engine(), worker, sink, helpers, tools)
     else:
-        reply = answer(job, get_engine(), worker, None, helpers, tools)
+        reply = answer(job, get_engine(), worker, timing.wrap(None), helpers, tools)
+    _record(job, reply, worker, timing)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from channels.web import create_app
-from tests.conftest import DB_NO_WORKER, redis_url
+from tests.conftest import DB_NO_WORKER, redis_url, wait_for
 from workers.redis_server import RedisServer
 from workers.settings import Settings
 
@@ -157,3 +157,34 @@ def test_a_huge_body_is_refused_before_it_is_read(echo_web: str) -> None:
                           headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
     assert response.status_code == 413
     assert "larger than" in response.json()["error"]["message"]
+
+
+def metric_values(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{base}/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_jobs_latency_tokens_and_queues(client: openai.OpenAI, echo_web: str) -> None:
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "count me in"}])
+
+    def recorded() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        values = metric_values(echo_web)
+        key = ("gpt4p_job_latency_seconds_count", (("channel", "http"),))
+        return values if values.get(key, 0) >= 1 else None
+
+    values = wait_for(recorded, 10, "the job's latency to be recorded")
+    assert values[("gpt4p_jobs_received_total", (("channel", "http"),))] >= 1
+    assert values[("gpt4p_tokens_generated_total", (("model", "echo"),))] >= 3
+    assert values[("gpt4p_queue_depth", (("queue", "inference"),))] == 0
+    assert ("gpt4p_time_to_first_token_seconds_count", (("engine", "echo"),)) in values
+    assert any(name == "gpt4p_worker_tokens_per_second" for name, _ in values)
+    assert any(name == "gpt4p_model_load_seconds" for name, _ in values)

@@ -310,3 +310,21 @@ def test_a_picture_without_words_gets_a_clear_answer(
          MediaContentType0="image/jpeg")  # fmt: skip
     # No image helper runs in this stack: the core says so instead of guessing.
     assert "can't look at pictures" in replies(twilio, number, 1)[0]
+
+
+def test_deliveries_and_delivery_failures_are_in_the_metrics(
+    sms_web: str, twilio: TwilioRecorder, number: str, sms_redis: redis.Redis
+) -> None:
+    from tests.channels.test_http import metric_values
+
+    text(sms_web, twilio, number, "delivered")
+    replies(twilio, number, 1)
+    twilio.fail(number, (400, 21211))
+    text(sms_web, twilio, number, "to an invalid number")
+    wait_for(lambda: len(twilio.attempts(number)) == 2, 30, "the second send attempt")
+    wait_idle(sms_redis)
+    values = metric_values(sms_web)
+    assert (
+        values[("gpt4p_delivery_failures_total", (("channel", "sms"), ("reason", "refused")))] >= 1
+    )
+    assert values[("gpt4p_deliveries_total", (("channel", "sms"),))] >= 1

@@ -122,3 +122,15 @@ def test_a_killed_helper_drops_out_after_its_ttl_and_is_reported_not_running(
     assert listed["ghost"]["live"] is False
     text = ask(helper_env, "/ghost hi")
     assert text.startswith("The helper 'ghost' is not running right now.")
+
+
+def test_helper_calls_and_failures_are_in_the_metrics(
+    helper_web: str, helper_env: dict[str, str]
+) -> None:
+    from tests.channels.test_http import metric_values
+
+    ask(helper_env, "/calc 1+1")
+    ask(helper_env, "/boom now")
+    values = metric_values(helper_web)
+    assert values[("gpt4p_helper_calls_total", (("helper", "calc"),))] >= 1
+    assert values[("gpt4p_helper_failures_total", (("helper", "boom"), ("reason", "error")))] >= 1
