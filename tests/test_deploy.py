@@ -20,7 +20,7 @@ def compose() -> dict[str, Any]:
 
 def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
     services = compose()["services"]
-    assert {"redis", "worker", "deliver", "web", "flower"} <= set(services)
+    assert {"redis", "worker-gpu0", "worker-cpu", "deliver", "web", "flower"} <= set(services)
     assert services["deliver"]["command"][:2] == ["gpt4people", "deliver"]
     assert services["email"]["command"] == ["gpt4people", "email"]
     assert services["email"]["profiles"] == ["email"]
@@ -28,14 +28,14 @@ def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
         assert services[f"helper-{helper}"]["command"][:3] == ["gpt4people", "helper", helper]
     assert "--appendonly yes" in services["redis"]["command"]
     assert "--requirepass" in services["redis"]["command"]
-    assert services["worker"]["command"][:2] == ["gpt4people", "worker"]
+    assert services["worker-cpu"]["command"][:2] == ["gpt4people", "worker"]
     assert "channels.web:create_app" in services["web"]["command"]
     assert any(arg.startswith("--basic-auth=") for arg in services["flower"]["command"])
 
 
 def test_every_app_service_reaches_the_same_password_protected_redis() -> None:
     services = compose()["services"]
-    for name in ("worker", "deliver", "email", "web", "flower"):
+    for name in ("worker-gpu0", "worker-cpu", "deliver", "email", "web", "flower"):
         url = services[name]["environment"]["GPT4P_REDIS_URL"]
         assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url), name
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -65,3 +65,17 @@ def test_celery_is_configured_for_long_jobs_and_json_only() -> None:
     assert celeryconfig.worker_prefetch_multiplier == 1
     visibility = celeryconfig.broker_transport_options["visibility_timeout"]
     assert visibility > celeryconfig.task_time_limit > celeryconfig.task_soft_time_limit
+
+
+def test_gpu_workers_reserve_their_own_gpu_and_consume_its_queue() -> None:
+    services = compose()["services"]
+    gpu_workers = {n: s for n, s in services.items() if n.startswith("worker-gpu")}
+    assert gpu_workers
+    for name, service in gpu_workers.items():
+        index = name.removeprefix("worker-gpu")
+        command = service["command"]
+        assert command[command.index("--gpu") + 1] == index
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert device["device_ids"] == [index]
+        assert "gpu" in device["capabilities"]

@@ -105,7 +105,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     concurrency = args.concurrency or settings.worker_concurrency
     if args.gpu is not None:
         # Set before llama.cpp is imported anywhere: the pool processes inherit both.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        device = args.cuda_device if args.cuda_device is not None else args.gpu
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
         os.environ["GPT4P_GPU"] = str(args.gpu)  # offload all layers unless told otherwise
         queues.append(gpu_queue(args.gpu))
         hostname = args.hostname or f"gpu{args.gpu}@%h"
@@ -263,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     pin = worker.add_mutually_exclusive_group()
     pin.add_argument("--gpu", type=int, help="pin to this GPU and also consume its queue")
     pin.add_argument("--gpus", metavar="all", help="one pinned worker per GPU found (all)")
+    worker.add_argument(
+        "--cuda-device", type=int,
+        help="CUDA index to use for --gpu N when they differ (in a container the one "
+        "reserved GPU is 0)",
+    )  # fmt: skip
     worker.add_argument("--hostname", help="Celery node name (default worker@%%h or gpuN@%%h)")
     worker.add_argument(
         "--concurrency", type=int, help="processes (default GPT4P_WORKER_CONCURRENCY)"

@@ -114,3 +114,21 @@ def test_two_workers_share_one_queue_and_both_answer(
         for worker in workers:
             stop_process(worker)
     assert set(answered_by) == {"host-a@test", "host-b@test"}
+
+
+def test_in_a_container_the_queue_gpu_and_the_cuda_device_can_differ(
+    gpu_env: dict[str, str],
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "worker", "--gpu", "3", "--cuda-device", "0",
+         "--hostname", "gpu3@test"],
+        env=gpu_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: ping_worker(gpu_env["GPT4P_REDIS_URL"], "gpu3@test"), 120, "gpu3",
+                 every=0.5)  # fmt: skip
+        environ = psutil.Process(process.pid).environ()
+        assert (environ["CUDA_VISIBLE_DEVICES"], environ["GPT4P_GPU"]) == ("0", "3")
+    finally:
+        stop_process(process)
