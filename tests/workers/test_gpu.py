@@ -132,3 +132,23 @@ def test_in_a_container_the_queue_gpu_and_the_cuda_device_can_differ(
         assert (environ["CUDA_VISIBLE_DEVICES"], environ["GPT4P_GPU"]) == ("0", "3")
     finally:
         stop_process(process)
+
+
+def test_operators_can_add_a_queue_to_a_running_worker(
+    gpu1_worker: subprocess.Popen[bytes], gpu_env: dict[str, str]
+) -> None:
+    def celery(*args: str) -> str:
+        command = [sys.executable, "-m", "celery", "-A", "workers", *args]
+        done = subprocess.run(command, env=gpu_env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    celery("control", "add_consumer", "inference.gpu9", "-d", "gpu1@test")
+    queues = json.loads(celery("inspect", "active_queues", "-d", "gpu1@test", "--json"))
+    assert "inference.gpu9" in {q["name"] for q in queues["gpu1@test"]}
+    celery("control", "cancel_consumer", "inference.gpu9", "-d", "gpu1@test")
+    queues = json.loads(celery("inspect", "active_queues", "-d", "gpu1@test", "--json"))
+    assert "inference.gpu9" not in {q["name"] for q in queues["gpu1@test"]}
+    stats = json.loads(celery("inspect", "stats", "-d", "gpu1@test", "--json"))
+    assert stats["gpu1@test"]["pool"]["max-concurrency"] == 1
