@@ -57,6 +57,8 @@ result_backend_transport_options = {"visibility_timeout": max(3600, 2 * _setting
 result_expires = 24 * 3600
 result_extended = True
 
+# Operators may replace pool processes (`celery control pool_restart`) to reload a model.
+worker_pool_restarts = True
 # Loading a model in a fresh pool process takes longer than Celery's 4 s default.
 worker_proc_alive_timeout = 180.0
 # Keep trying to reach Redis at start-up and after outages instead of exiting.
