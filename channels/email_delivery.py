@@ -27,6 +27,7 @@ from channels.email import PREFIX, EmailRecords, digest
 from channels.email_parse import base_subject
 from workers.app import app
 from workers.contract import ChatMessage, Reply, delivery_task
+from workers.logs import bind_job
 from workers.metrics import Metrics
 from workers.settings import Settings, get_settings
 
@@ -146,8 +147,13 @@ def _backoff(settings: Settings, retries: int) -> float:
 @app.task(name=delivery_task("email"), bind=True, max_retries=None)
 def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by email once; transient SMTP failures are retried with backoff."""
-    settings = get_settings()
     reply = Reply.model_validate(reply_data)
+    with bind_job(reply.job_id):
+        return _deliver(self, reply)
+
+
+def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
+    settings = get_settings()
     client = _redis()
     who = digest(reply.reply_to.lower())
     key = f"{PREFIX}sent:{reply.job_id}"

@@ -26,6 +26,7 @@ from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
 from workers.app import app
 from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
+from workers.logs import bind_job
 from workers.metrics import Metrics
 from workers.settings import Settings, get_settings
 
@@ -127,8 +128,13 @@ def _backoff(settings: Settings, retries: int) -> float:
 @app.task(name=delivery_task("sms"), bind=True, max_retries=None)
 def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by SMS: split, each part once, transient failures retried with backoff."""
-    settings = get_settings()
     reply = Reply.model_validate(reply_data)
+    with bind_job(reply.job_id):
+        return _deliver(self, reply)
+
+
+def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
+    settings = get_settings()
     who = number_id(reply.reply_to)
     state = _state()
     if state.is_opted_out(reply.reply_to):

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 from workers import privacy as _privacy  # noqa: F401  (keeps replies out of task logs)
+from workers.logs import configure_handler
 from workers.redis_server import resolve_redis_url
-from workers.settings import Settings
+from workers.settings import Settings, get_settings
 
 app = Celery("gpt4people")
 app.config_from_object("celeryconfig")
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: logging.Logger, **_: object) -> None:
+    # Celery sets up its own handlers in workers; give them our format and job ids.
+    for handler in logger.handlers:
+        configure_handler(handler, get_settings().log_format)
 
 
 def celery_for(settings: Settings) -> Celery:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from workers.logs import configure_logging
 from workers.model_files import ModelNotFoundError
 from workers.settings import Settings, SettingsError, get_settings
 
@@ -322,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _validate(args, parser)
     try:
         settings = get_settings()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(settings.log_level, settings.log_format)
         return int(args.handler(args, settings))
     except (SettingsError, ModelNotFoundError) as error:
         print(f"gpt4people: {error}", file=sys.stderr)

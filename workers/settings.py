@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of every process."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one object per line with the job id; `text`: for people."
+    )
 
     # --- helpers ----------------------------------------------------------------------
     model_tools: bool = Field(

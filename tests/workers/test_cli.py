@@ -137,3 +137,23 @@ def test_a_model_that_cannot_load_stops_the_worker_instead_of_looping(
     finally:
         worker.kill()
     assert "cannot load the model" in output.decode()
+
+
+def test_worker_logs_are_json_lines_carrying_the_job_id(
+    echo_env: dict[str, str], echo_worker: str, state_dir: Path
+) -> None:
+    from tests.conftest import wait_for
+
+    job_id = json.loads(run_cli(["ask", "--json", "trace me"], echo_env).stdout)["job_id"]
+    log = state_dir / "echo@test.log"
+
+    def job_lines() -> list[dict[str, str]]:
+        entries = []
+        for line in log.read_text().splitlines():
+            if line.startswith("{"):
+                entries.append(json.loads(line))
+        return [e for e in entries if e.get("job_id") == job_id]
+
+    lines = wait_for(job_lines, 10, "log lines with the job id")
+    assert any("answered" in e["msg"] for e in lines)
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in lines)
