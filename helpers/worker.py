@@ -54,6 +54,7 @@ def register_task(app: Celery, helper: Helper) -> Task:
         bind=True,
         soft_time_limit=helper.time_limit,
         time_limit=helper.time_limit + 5,
+        resultrepr_maxsize=1,  # events show "{, ...}", not what the helper answered
     )
     def run_helper(self: Task, request_data: dict[str, Any]) -> dict[str, Any]:
         request = HelperRequest.model_validate(request_data)

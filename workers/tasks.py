@@ -158,7 +158,8 @@ def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
                           reply.completion_tokens / elapsed)  # fmt: skip
 
 
-@app.task(name=INFERENCE_TASK, bind=True)
+# resultrepr_maxsize=1: events (Flower, `celery events`) show "{, ...}", not the answer.
+@app.task(name=INFERENCE_TASK, bind=True, resultrepr_maxsize=1)
 def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """Answer one job; the returned dict is a `Reply` in JSON form."""
     job = Job.model_validate(job_data)
