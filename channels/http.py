@@ -28,7 +28,8 @@ from workers.client import (
     await_reply,
     submit,
 )
-from workers.contract import Job, Reply
+from workers.contract import INFERENCE_QUEUE, Job, Reply, model_queue
+from workers.liveness import served_models
 from workers.model_files import model_label
 from workers.redis_server import RedisUnavailableError
 from workers.settings import Settings
@@ -107,9 +108,13 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 async def list_models(request: Request) -> dict[str, Any]:
     """The model this deployment serves."""
     settings, _, _ = _state(request)
+    served = await asyncio.to_thread(served_models, request.app.state.sync_redis)
     return {
         "object": "list",
-        "data": [{"id": model_label(settings), "object": "model", "owned_by": "gpt4people"}],
+        "data": [
+            {"id": model, "object": "model", "owned_by": "gpt4people"}
+            for model in served or [model_label(settings)]
+        ],
     }
 
 
@@ -126,18 +131,32 @@ async def chat_completions(
     except InvalidInboundError as error:
         raise ApiError(400, str(error), "invalid_request_error") from None
     sync_client = request.app.state.sync_redis
+    queue = await _queue_for(body.model, sync_client)
     if body.stream:
         return StreamingResponse(
-            _stream(celery, client, sync_client, job, settings), media_type="text/event-stream"
+            _stream(celery, client, sync_client, job, settings, queue),
+            media_type="text/event-stream",
         )
-    job_id = await _submit(celery, job, sync_client)
+    job_id = await _submit(celery, job, sync_client, queue)
     reply = await _await(client, job_id, settings.job_timeout)
     return JSONResponse(completion_body(reply))
 
 
-async def _submit(celery: Celery, job: Job, client: redis.Redis) -> str:
+async def _queue_for(model: str | None, client: redis.Redis) -> str:
+    """The queue of the model the request names, when a live worker serves it."""
+    if not model:
+        return INFERENCE_QUEUE
     try:
-        return await asyncio.to_thread(submit, celery, job, client=client)
+        served = await asyncio.to_thread(served_models, client)
+    except redis.RedisError:
+        return INFERENCE_QUEUE  # _submit reports the outage
+    # Clients send whatever model name they were written for: only a name we serve routes.
+    return model_queue(model) if model in served else INFERENCE_QUEUE
+
+
+async def _submit(celery: Celery, job: Job, client: redis.Redis, queue: str) -> str:
+    try:
+        return await asyncio.to_thread(submit, celery, job, queue, client)
     except RedisUnavailableError as error:
         log.error("enqueue failed: %s", error)
         raise ApiError(503, "the queue is unavailable; try again shortly", "server_error") from None
@@ -165,6 +184,7 @@ async def _stream(
     sync_client: redis.Redis,
     job: Job,
     settings: Settings,
+    queue: str,
 ) -> AsyncIterator[str]:
     """Server-sent events: the text as the worker generates it, then the finish and usage."""
     model = model_label(settings)
@@ -172,7 +192,7 @@ async def _stream(
         # Subscribe before enqueueing so that not one delta is missed.
         await pubsub.subscribe(stream_channel(job.id))
         try:
-            job_id = await _submit(celery, job, sync_client)
+            job_id = await _submit(celery, job, sync_client, queue)
         except ApiError as error:
             yield _sse(error_body(error.message, error.kind))
             return

@@ -39,6 +39,7 @@ DB_POLL = 7
 DB_HELPERS = 8
 DB_GPU = 9
 DB_SCALE = 10
+DB_MODELS = 11
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

@@ -49,7 +49,14 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     from workers.app import app
     from workers.client import JobFailedError, JobTimeoutError, submit, wait_for_reply
-    from workers.contract import INFERENCE_QUEUE, ChatMessage, GenerationOptions, Job, gpu_queue
+    from workers.contract import (
+        INFERENCE_QUEUE,
+        ChatMessage,
+        GenerationOptions,
+        Job,
+        gpu_queue,
+        model_queue,
+    )
     from workers.redis_server import RedisUnavailableError, ping
 
     prompt = " ".join(args.prompt).strip()
@@ -74,6 +81,8 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     )
     timeout = args.timeout or settings.job_timeout
     queue = gpu_queue(args.gpu) if args.gpu is not None else INFERENCE_QUEUE
+    if args.model:
+        queue = model_queue(args.model)
     try:
         ping(str(app.conf.broker_url), timeout=3)
         submit(app, job, queue=queue)
@@ -96,11 +105,12 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.contract import INFERENCE_QUEUE, gpu_queue
+    from workers.contract import INFERENCE_QUEUE, gpu_queue, model_queue
+    from workers.model_files import model_label
 
     if args.gpus is not None:
         return _run_gpu_workers(args)
-    queues = [INFERENCE_QUEUE]
+    queues = [INFERENCE_QUEUE, model_queue(model_label(settings))]
     hostname = args.hostname or "worker@%h"
     concurrency = args.concurrency or settings.worker_concurrency
     if args.gpu is not None:
@@ -257,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
     ask.add_argument("--timeout", type=float, help="seconds to wait (default GPT4P_JOB_TIMEOUT)")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
-    ask.add_argument("--gpu", type=int, help="send it to the worker pinned to this GPU")
+    target = ask.add_mutually_exclusive_group()
+    target.add_argument("--gpu", type=int, help="send it to the worker pinned to this GPU")
+    target.add_argument("--model", help="send it to a worker serving this model")
     ask.set_defaults(handler=_cmd_ask)
 
     worker = commands.add_parser("worker", help="run one inference worker in the foreground")

@@ -22,6 +22,11 @@ def gpu_queue(index: int) -> str:
     return f"{INFERENCE_QUEUE}.gpu{index}"
 
 
+def model_queue(model: str) -> str:
+    """The queue consumed by every worker serving the model labelled `model`."""
+    return f"{INFERENCE_QUEUE}.model.{model}"
+
+
 def delivery_queue(channel: str) -> str:
     """The queue whose task sends replies out through `channel`."""
     return f"deliver.{channel}"

@@ -17,6 +17,7 @@ import redis
 log = logging.getLogger(__name__)
 
 LIVE_KEY = "gpt4p:inference:live"
+MODELS_KEY = "gpt4p:inference:models"
 TTL_S = 15.0
 
 
@@ -29,6 +30,13 @@ def beat(client: redis.Redis, hostname: str) -> None:
     pipe.execute()
 
 
+def served_models(client: redis.Redis) -> list[str]:
+    """The models that live inference workers serve."""
+    live = set(live_workers(client))
+    models = cast(dict[bytes, bytes], client.hgetall(MODELS_KEY))
+    return sorted({m.decode() for h, m in models.items() if h.decode() in live})
+
+
 def live_workers(client: redis.Redis) -> list[str]:
     """Hostnames of the inference workers alive within the TTL."""
     names = cast(list[bytes], client.zrangebyscore(LIVE_KEY, time.time() - TTL_S, "+inf"))
@@ -38,14 +46,16 @@ def live_workers(client: redis.Redis) -> list[str]:
 class WorkerHeartbeat:
     """A daemon thread beating for one worker until stopped."""
 
-    def __init__(self, client: redis.Redis, hostname: str) -> None:
+    def __init__(self, client: redis.Redis, hostname: str, model: str) -> None:
         self.client = client
         self.hostname = hostname
+        self.model = model
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
     def start(self) -> None:
         """Beat now and every third of the TTL."""
+        self.client.hset(MODELS_KEY, self.hostname, self.model)
         beat(self.client, self.hostname)
         self._thread.start()
 

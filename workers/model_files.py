@@ -84,8 +84,8 @@ def resolve_model_path(settings: Settings) -> Path:
 
 def model_label(settings: Settings) -> str:
     """A short name for the configured model, for replies, `status` and `/v1/models`."""
-    if settings.engine == "echo":
-        return "echo"
+    if settings.engine in {"echo", "scripted"}:
+        return settings.engine
     if settings.model_path is not None:
         return settings.model_path.stem
     return DEFAULT_MODEL_LABEL

@@ -35,6 +35,7 @@ from workers.core import answer
 from workers.engines import Engine, TextSink, create_engine
 from workers.liveness import WorkerHeartbeat
 from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
+from workers.model_files import model_label
 from workers.routing import HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
@@ -94,7 +95,7 @@ def _announce_inference_worker(sender: Any, **_: object) -> None:
     if INFERENCE_QUEUE not in queues:
         return
     client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=5)
-    heartbeat = WorkerHeartbeat(client, sender.hostname)
+    heartbeat = WorkerHeartbeat(client, sender.hostname, model_label(get_settings()))
     heartbeat.start()
     _heartbeats.append(heartbeat)
 

@@ -65,7 +65,7 @@ def test_status_shows_redis_workers_queues_and_model(echo_env: dict[str, str],
     done = run_cli(["status", "--json"], echo_env)
     report = json.loads(done.stdout)
     assert report["redis"]["up"] is True
-    assert report["workers"]["echo@test"]["queues"] == ["inference"]
+    assert report["workers"]["echo@test"]["queues"] == ["inference", "inference.model.echo"]
     assert report["queues"]["inference"] == 0
     assert report["model"] == "echo"
     text = run_cli(["status"], echo_env).stdout
