@@ -6,7 +6,9 @@ by reading it as Compose would.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from typing import Any
 
 import yaml
@@ -79,3 +81,29 @@ def test_gpu_workers_reserve_their_own_gpu_and_consume_its_queue() -> None:
         assert device["driver"] == "nvidia"
         assert device["device_ids"] == [index]
         assert "gpu" in device["capabilities"]
+
+
+def compose_config(**variables: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config`: Compose's own parser and validator (no engine needed)."""
+    ours = ("GPT4P_", "REDIS_", "FLOWER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    command = ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"]
+    return subprocess.run(command, env={**env, **variables}, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_docker_compose_itself_accepts_the_file() -> None:
+    done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="pw2")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert (
+        resolved["services"]["web"]["environment"]["GPT4P_REDIS_URL"] == "redis://:pw@redis:6379/0"
+    )
+    devices = resolved["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["device_ids"] == ["0"]
+
+
+def test_docker_compose_refuses_to_start_without_passwords() -> None:
+    done = compose_config()
+    assert done.returncode != 0
+    assert "REDIS_PASSWORD" in done.stderr
