@@ -116,6 +116,10 @@ class Settings(BaseSettings):
         None, description="When set, /v1/* requires `Authorization: Bearer <key>`."
     )
     flower_port: int = Field(5555, ge=1, le=65_535, description="Port of the Flower dashboard.")
+    worker_heartbeat_ttl: float = Field(
+        15.0, ge=1, le=3600,
+        description="Seconds without a heartbeat after which a worker's jobs are requeued.",
+    )  # fmt: skip
     worker_concurrency: int = Field(
         1, ge=1, le=256, description="Inference processes per worker (each loads the model)."
     )

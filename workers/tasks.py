@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.signals import (
+    task_received,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -36,6 +37,7 @@ from workers.engines import Engine, TextSink, create_engine
 from workers.liveness import WorkerHeartbeat
 from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from workers.model_files import model_label
+from workers.recovery import Recovery, delivery_tag, instance_id, record_owner
 from workers.routing import HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
@@ -86,6 +88,31 @@ def _load_engine_in_child(**_: object) -> None:
 
 
 _heartbeats: list[WorkerHeartbeat] = []
+_recovery: list[Recovery] = []
+
+
+def _redis_client() -> redis.Redis:
+    return redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=5)
+
+
+@worker_ready.connect
+def _start_recovery(sender: Any, **_: object) -> None:
+    # Every worker (inference, delivery, helper) records who holds which job and
+    # returns the jobs of dead workers to their queues.
+    recovery = Recovery(app, _redis_client(), instance_id(sender.hostname),
+                        get_settings().worker_heartbeat_ttl)  # fmt: skip
+    recovery.start()
+    _recovery.append(recovery)
+
+
+@task_received.connect
+def _record_owner(request: Any, **_: object) -> None:
+    tag = delivery_tag(request)
+    if tag is not None and _recovery:
+        try:
+            record_owner(_recovery[0].client, tag, _recovery[0].instance)
+        except redis.RedisError as error:
+            log.warning("job owner not recorded (%s)", error.__class__.__name__)
 
 
 @worker_ready.connect
@@ -104,6 +131,8 @@ def _announce_inference_worker(sender: Any, **_: object) -> None:
 def _retire_inference_worker(**_: object) -> None:
     for heartbeat in _heartbeats:
         heartbeat.stop()
+    for recovery in _recovery:
+        recovery.stop()
 
 
 @worker_process_shutdown.connect
