@@ -2,16 +2,19 @@
 
 The task on queue ``deliver.sms`` splits the reply, and for every part claims
 it in Redis before the send and records Twilio's message SID after it. A
-retried task (Twilio 429/5xx, a timeout) skips the parts already sent. The one
-window left: a worker that dies after Twilio accepted a part and before the
-SID is recorded leaves the part marked "sending"; after PART_IN_FLIGHT_TTL_S
-a redelivered task sends it again (at least once, never silently lost).
+retried task (Twilio 429/5xx) skips the parts already sent. A part whose send
+got no answer (a timeout), or whose delivery worker died between Twilio
+accepting it and the SID being recorded, stays claimed; once the claim is
+older than the Twilio timeout + 5 s, the next attempt looks the message up in
+Twilio's message log and sends only if it is not there. Window left: Twilio's
+log lagging behind an accepted message by more than that margin.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -41,7 +44,11 @@ class SmsNotConfiguredError(RuntimeError):
 
 
 class TransientSendError(RuntimeError):
-    """Twilio may accept the same send later (429, 5xx, timeout, connection error)."""
+    """Twilio answered that it did not take the message now (429, 5xx): send it again later."""
+
+
+class AmbiguousSendError(TransientSendError):
+    """No answer from Twilio (timeout, connection lost): the message may have been created."""
 
 
 class PermanentSendError(RuntimeError):
@@ -86,7 +93,23 @@ class TwilioSender:
                 f"Twilio refused the message ({error.status}, code {error.code})", error.code
             ) from error
         except requests.RequestException as error:
+            raise AmbiguousSendError(
+                f"no answer from Twilio: {error.__class__.__name__}"
+            ) from error
+
+    def find_sent(self, to: str, sender: str | None, body: str, since: float) -> str | None:
+        """The SID of a message Twilio already has from us to `to` with `body`, if any."""
+        options: dict[str, Any] = {"to": to, "limit": 100}
+        options["date_sent_after"] = datetime.fromtimestamp(since - 86_400, UTC)
+        try:
+            for message in self.client.messages.list(**options):
+                if message.body == body:
+                    return str(message.sid)
+        except TwilioRestException as error:
+            raise TransientSendError(f"Twilio message log unavailable ({error.status})") from error
+        except requests.RequestException as error:
             raise TransientSendError(f"Twilio unreachable: {error.__class__.__name__}") from error
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -102,16 +125,31 @@ def _state() -> SmsState:
 
 
 def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: int) -> int:
-    """Send every part of `reply` not sent yet; return how many were sent now."""
+    """Send every part of `reply` not sent yet; return how many were sent now.
+
+    A part is claimed before the send and recorded after it. A claim left by a
+    delivery that died, or that got no answer from Twilio, is settled by asking
+    Twilio's message log before sending again, so a part is never sent twice.
+    """
     sent = 0
+    stale_after = sender.settings.twilio_timeout + 5
     for index, body in enumerate(split_for_sms(reply.text, max_parts=max_parts)):
-        claim = state.claim_part(reply.job_id, index)
+        claim, started = state.claim_part(reply.job_id, index, stale_after)
         if claim == "sent":
             continue
         if claim == "in_flight":
             raise TransientSendError(f"part {index} is being sent by another delivery")
+        if claim == "unknown":
+            existing = sender.find_sent(reply.reply_to, reply.reply_from, body, started)
+            if existing is not None:
+                log.info("part %d of %s was already accepted by Twilio", index, reply.job_id)
+                state.record_part(reply.job_id, index, existing)
+                continue
+            state.reclaim_part(reply.job_id, index)
         try:
             sid = sender.send(reply.reply_to, reply.reply_from, body)
+        except AmbiguousSendError:
+            raise  # keep the claim: the next attempt asks Twilio before sending again
         except (TransientSendError, PermanentSendError):
             state.release_part(reply.job_id, index)
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Literal, cast
 
 import redis
@@ -20,10 +21,8 @@ from workers.settings import Settings
 PREFIX = "gpt4p:sms:"
 SEEN_TTL_S = 7 * 24 * 3600  # Twilio retries a webhook for minutes, never for days
 PART_SENT_TTL_S = 7 * 24 * 3600
-# A part marked "sending" by a delivery that then died is retried after this.
-PART_IN_FLIGHT_TTL_S = 120
 
-PartState = Literal["claimed", "sent", "in_flight"]
+PartState = Literal["claimed", "sent", "in_flight", "unknown"]
 
 
 def number_id(number: str) -> str:
@@ -97,16 +96,26 @@ class SmsState:
     def _part_key(self, job_id: str, index: int) -> str:
         return f"{PREFIX}part:{job_id}:{index}"
 
-    def claim_part(self, job_id: str, index: int) -> PartState:
-        """Mark part `index` of `job_id`'s reply as being sent, unless it was or is being sent."""
-        key = self._part_key(job_id, index)
-        if self.redis.set(key, "sending", nx=True, ex=PART_IN_FLIGHT_TTL_S):
-            return "claimed"
-        value = cast(bytes | None, self.redis.get(key))
-        if value is None:  # expired in between: try once more
-            return "claimed" if self.redis.set(key, "sending", nx=True, ex=PART_IN_FLIGHT_TTL_S) \
-                else "in_flight"  # fmt: skip
-        return "in_flight" if value == b"sending" else "sent"
+    def claim_part(self, job_id: str, index: int, stale_after: float) -> tuple[PartState, float]:
+        """Mark part `index` as being sent now, unless it was sent or is being sent.
+
+        Returns the state and, for a part another delivery started, when it started:
+        "in_flight" while that may still be going on, "unknown" once it is older
+        than `stale_after` seconds (that delivery died or timed out: Twilio may or
+        may not have the message, and must be asked).
+        """
+        key, now = self._part_key(job_id, index), time.time()
+        if self.redis.set(key, f"sending:{now}", nx=True, ex=PART_SENT_TTL_S):
+            return "claimed", now
+        value = (cast(bytes | None, self.redis.get(key)) or b"").decode()
+        if not value.startswith("sending:"):
+            return ("sent", now) if value else self.claim_part(job_id, index, stale_after)
+        started = float(value.split(":", 1)[1])
+        return ("unknown" if now - started > stale_after else "in_flight"), started
+
+    def reclaim_part(self, job_id: str, index: int) -> None:
+        """Start sending part `index` again (Twilio was asked and has no such message)."""
+        self.redis.set(self._part_key(job_id, index), f"sending:{time.time()}", ex=PART_SENT_TTL_S)
 
     def record_part(self, job_id: str, index: int, message_sid: str) -> None:
         """Part `index` was accepted by Twilio as `message_sid`: never send it again."""

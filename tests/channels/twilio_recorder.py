@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -39,6 +39,10 @@ class TwilioRecorder:
     failures: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)
     media: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     fetches: list[str] = field(default_factory=list)
+    # Recipients whose next message is accepted and then left unanswered (a hang).
+    hang_after_accept: set[str] = field(default_factory=set)
+    release: threading.Event = field(default_factory=threading.Event)
+    sids: dict[int, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
 
@@ -90,17 +94,43 @@ def _handler(recorder: TwilioRecorder) -> type[BaseHTTPRequestHandler]:
                 scripted = recorder.failures.get(form.get("To", ""), [])
                 status, code = scripted.pop(0) if scripted else (201, None)
                 recorder.calls.append(Call(account, form, status))
+                sid = recorder.sids[len(recorder.calls) - 1] = "SM" + uuid.uuid4().hex
+                hang = form.get("To", "") in recorder.hang_after_accept
+                recorder.hang_after_accept.discard(form.get("To", ""))
+            if hang:  # accepted (recorded) but the answer never comes in time
+                recorder.release.wait(60)
+                return
             if status != 201:
                 error = {"code": code, "message": "scripted failure", "status": status}
                 self._json(status, error)
                 return
             self._json(201, {
-                "sid": "SM" + uuid.uuid4().hex, "account_sid": account, "to": form.get("To"),
+                "sid": sid, "account_sid": account, "to": form.get("To"),
                 "from": form.get("From"), "body": form.get("Body"), "status": "queued",
                 "messaging_service_sid": form.get("MessagingServiceSid"), "num_segments": "1",
             })  # fmt: skip
 
+        def _message_log(self) -> None:
+            query = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
+            with recorder.lock:
+                listed = [
+                    {"sid": recorder.sids[i], "to": c.form.get("To"), "from": c.form.get("From"),
+                     "body": c.form.get("Body"), "status": "sent", "account_sid": c.account}
+                    for i, c in enumerate(recorder.calls)
+                    if c.status == 201 and c.form.get("To") == query.get("To", c.form.get("To"))
+                ]  # fmt: skip
+            page = {"page": 0, "page_size": 100, "start": 0, "end": len(listed),
+                    "first_page_uri": self.path, "next_page_uri": None,
+                    "previous_page_uri": None, "uri": self.path}  # fmt: skip
+            self._json(200, {"messages": listed, **page})
+
         def do_GET(self) -> None:
+            if urlparse(self.path).path.endswith("/Messages.json"):
+                if not self._authorized():
+                    self._json(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                    return
+                self._message_log()
+                return
             name = self.path.rsplit("/", 1)[-1]
             with recorder.lock:
                 recorder.fetches.append(name)

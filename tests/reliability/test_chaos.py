@@ -102,3 +102,33 @@ def test_killed_workers_lose_no_sms_and_send_none_twice(
           f"duplicates={sum(c - 1 for c in counts if c > 1)}, first answer {recovery:.1f}s "
           f"after the whole-worker kill (new worker start included)")  # fmt: skip
     assert counts == [1] * 20
+
+
+def test_a_delivery_killed_after_twilio_accepted_sends_nothing_twice(
+    chaos_redis: RedisServer, tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    env = dict(chaos_env(chaos_redis, tmp_path, twilio), GPT4P_ENGINE="echo",
+               GPT4P_TWILIO_TIMEOUT="2")  # fmt: skip
+    number = "+16770000001"
+    twilio.hang_after_accept.add(number)  # Twilio takes the message; our worker never hears back
+    worker = start_worker(env, "echo-chaos@test")
+    deliver = start_worker(env, "deliver-a@test", command="deliver")
+    port = free_port()
+    web = start_web(env, port)
+    replacement: subprocess.Popen[bytes] | None = None
+    try:
+        assert text(f"http://127.0.0.1:{port}", twilio, number, "Only once, please") == 200
+        wait_for(lambda: twilio.attempts(number), 30, "Twilio to accept the message")
+        os.killpg(deliver.pid, signal.SIGKILL)  # dies before it can record the send
+        deliver.wait(10)
+        replacement = start_worker(env, "deliver-b@test", command="deliver")
+        log = tmp_path / "deliver-b@test.log"
+        wait_for(lambda: "already accepted by Twilio" in log.read_text(), 60,
+                 "the new delivery worker to find the message in Twilio's log")  # fmt: skip
+    finally:
+        twilio.release.set()
+        for process in (web, deliver, worker, replacement):
+            if process is not None:
+                stop_process(process)
+    assert len(twilio.attempts(number)) == 1
+    assert twilio.delivered(number) == ["Only once, please"]
