@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import Annotated, Any
 
 import redis
@@ -22,6 +23,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from channels.base import InvalidInboundError
 from channels.sms_delivery import enqueue_delivery
 from channels.sms_state import SmsState, number_id
+from channels.spool import InboundSpool
 from workers.client import submit
 from workers.contract import ChatMessage, GenerationOptions, Job, MediaRef, Reply
 from workers.redis_server import RedisUnavailableError
@@ -138,10 +140,15 @@ class SmsChannel:
                       model="none", engine="keyword")  # fmt: skip
         enqueue_delivery(self.celery, reply)
 
-    def receive(self, inbound: SmsInbound) -> str:
-        """Handle one message exactly once; return what was done (for the log)."""
+    def receive(self, inbound: SmsInbound, replay: bool = False) -> str:
+        """Handle one message exactly once; return what was done (for the log).
+
+        `replay` is for a message taken from the spool: its first attempt may have
+        claimed the MessageSid before Redis failed, and everything below is
+        idempotent per MessageSid, so the claim is not checked again.
+        """
         state, number = self.state, inbound.sender
-        if not state.claim_message(inbound.message_sid):
+        if not state.claim_message(inbound.message_sid) and not replay:
             return "duplicate"
         keyword = _keyword(inbound.body)
         if keyword in OPT_OUT_KEYWORDS:
@@ -218,10 +225,36 @@ async def sms_webhook(
     try:
         outcome = await asyncio.to_thread(channel.receive, inbound)
     except (RedisUnavailableError, redis.RedisError) as error:
-        log.error("SMS %s not accepted, Redis unavailable: %s", inbound.message_sid, error)
-        return Response("try again later", status_code=503, media_type="text/plain")
+        try:
+            await asyncio.to_thread(state.spool.put, "sms", form)
+        except (OSError, sqlite3.Error) as spool_error:
+            log.error("SMS %s lost: Redis (%s) and spool (%s) unavailable",
+                      inbound.message_sid, error.__class__.__name__, spool_error)  # fmt: skip
+            return Response("try again later", status_code=503, media_type="text/plain")
+        log.warning("SMS %s spooled: Redis unavailable (%s)", inbound.message_sid,
+                    error.__class__.__name__)  # fmt: skip
+        return _twiml()
     log.info("SMS %s from %s: %s", inbound.message_sid, number_id(inbound.sender), outcome)
     return _twiml()
+
+
+def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Celery) -> int:
+    """Hand spooled messages to Redis, oldest first; stop at the first Redis failure."""
+    channel = SmsChannel(settings, SmsState(client, settings), celery)
+    drained = 0
+    for item_id, kind, form in spool.pending():
+        if kind != "sms":
+            continue
+        try:
+            outcome = channel.receive(SmsInbound.from_form(form), replay=True)
+        except (RedisUnavailableError, redis.RedisError):
+            break
+        except InvalidInboundError:
+            outcome = "dropped (invalid)"
+        spool.remove(item_id)
+        drained += 1
+        log.info("spooled SMS %s: %s", form.get("MessageSid", "?"), outcome)
+    return drained
 
 
 def sync_redis_for(url: str) -> Any:

@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from channels.http import ApiError
 from channels.http import router as openai_router
 from channels.openai_schema import error_body
+from channels.sms import drain_spool, sync_redis_for
 from channels.sms import router as sms_router
-from channels.sms import sync_redis_for
+from channels.spool import InboundSpool
 from workers.app import celery_for
 from workers.liveness import live_workers
 from workers.metrics import RedisCollector
@@ -41,6 +42,23 @@ def _describe(error: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(problems)
 
 
+SPOOL_DRAIN_INTERVAL_S = 1.0
+
+
+async def _drain_forever(app: FastAPI) -> None:
+    """Move messages spooled during a Redis outage into Redis once it answers again."""
+    state = app.state
+    while True:
+        await asyncio.sleep(SPOOL_DRAIN_INTERVAL_S)
+        try:
+            if len(state.spool):
+                await asyncio.to_thread(
+                    drain_spool, state.spool, state.settings, state.sync_redis, state.celery
+                )
+        except Exception as error:  # noqa: BLE001 - the drainer must outlive any one failure
+            log.warning("spool drain failed (%s); retrying", error.__class__.__name__)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application with every configured channel."""
     settings = settings or get_settings()
@@ -52,11 +70,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url, socket_connect_timeout=5, health_check_interval=30
         )
         app.state.sync_redis = sync_redis_for(url)
+        app.state.spool = InboundSpool(settings.state_dir / "spool.sqlite3")
+        drainer = asyncio.create_task(_drain_forever(app))
         try:
             yield
         finally:
+            drainer.cancel()
             await app.state.redis.aclose()
             app.state.sync_redis.close()
+            app.state.spool.close()
 
     app = FastAPI(title="GPT4People", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,9 @@ from celery import Celery
 from workers.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
+# In-process apps and settings of the test session write their state (the SMS spool,
+# runtime files) to a folder of the session, never to the user's own.
+os.environ["GPT4P_STATE_DIR"] = tempfile.mkdtemp(prefix="gpt4p-test-state-")
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 

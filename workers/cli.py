@@ -166,8 +166,9 @@ def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
         sys.executable, "-m", "celery", "-A", "workers", "worker",
         "--queues", ",".join(delivery_queue(c) for c in args.channels),
         "--hostname", args.hostname or "deliver@%h",
-        # Sending is waiting on the network: threads, not processes.
-        "--pool", "threads", "--concurrency", str(args.concurrency),
+        # Processes, not threads: the threads pool's consumer dies on a lost Redis
+        # connection (kombu restores unacked messages on a closed connection).
+        "--pool", "prefork", "--concurrency", str(args.concurrency),
         "--loglevel", settings.log_level,
         "--without-mingle", "--without-gossip", "--task-events",
     ]  # fmt: skip
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["sms", "email"],
                          help="channels to deliver for (default: sms email)")  # fmt: skip
     deliver.add_argument("--hostname", help="Celery node name (default deliver@%%h)")
-    deliver.add_argument("--concurrency", type=int, default=8, help="sending threads")
+    deliver.add_argument("--concurrency", type=int, default=4, help="sending processes")
     deliver.set_defaults(handler=_cmd_deliver)
 
     status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")

@@ -16,6 +16,7 @@ channel deliveries are idempotent per job, so nobody receives two answers.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 OWNERS_KEY = "gpt4p:recovery:owners"  # delivery tag -> instance
 NODES_KEY = "gpt4p:recovery:instances"  # sorted set: instance -> last heartbeat
-UNACKED_KEY = "unacked"  # kombu's Redis transport default
+UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def instance_id(hostname: str) -> str:
@@ -42,8 +44,25 @@ def record_owner(client: redis.Redis, delivery_tag: str, instance: str) -> None:
     client.hset(OWNERS_KEY, delivery_tag, instance)
 
 
-def reap_once(app: Celery, client: redis.Redis, ttl: float) -> int:
-    """Return to their queues the jobs held by dead instances; return how many."""
+def _stuck(client: redis.Redis, tag: str, stuck_after: float, now: float) -> bool:
+    """An inference job held past any time limit: its ack was lost (Redis went away)."""
+    delivered = cast(float | None, client.zscore(UNACKED_INDEX_KEY, tag))
+    if delivered is None or now - delivered < stuck_after:
+        return False
+    raw = cast(bytes | None, client.hget(UNACKED_KEY, tag))
+    if raw is None:
+        return False
+    routing_key = json.loads(raw)[2]
+    # Delivery tasks may legitimately wait out a retry countdown; inference jobs never do.
+    return isinstance(routing_key, str) and routing_key.startswith("inference")
+
+
+def reap_once(app: Celery, client: redis.Redis, ttl: float, stuck_after: float = 3600.0) -> int:
+    """Return to their queues the jobs held by dead instances (or stuck); return how many.
+
+    `stuck_after` (seconds, longer than the hard time limit) also returns an inference
+    job its live worker can no longer acknowledge: Redis restarted while it ran.
+    """
     now = time.time()
     alive = {
         m.decode() for m in cast(list[bytes], client.zrangebyscore(NODES_KEY, now - ttl, "+inf"))
@@ -58,7 +77,7 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float) -> int:
         if tag not in unacked:  # acknowledged (done) or already restored
             client.hdel(OWNERS_KEY, tag)
             continue
-        if owner in alive:
+        if owner in alive and not _stuck(client, tag, stuck_after, now):
             continue
         with app.connection_for_write() as connection:
             connection.default_channel.qos.restore_by_tag(tag)
@@ -73,8 +92,11 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float) -> int:
 class Recovery:
     """This worker instance's heartbeat and reaper, in one daemon thread."""
 
-    def __init__(self, app: Celery, client: redis.Redis, instance: str, ttl: float) -> None:
+    def __init__(
+        self, app: Celery, client: redis.Redis, instance: str, ttl: float, stuck_after: float
+    ) -> None:
         self.app, self.client, self.instance, self.ttl = app, client, instance, ttl
+        self.stuck_after = stuck_after
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
 
@@ -90,7 +112,7 @@ class Recovery:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._beat()
-                reap_once(self.app, self.client, self.ttl)
+                reap_once(self.app, self.client, self.ttl, self.stuck_after)
             except (redis.RedisError, OSError) as error:
                 log.warning("recovery check failed (%s); retrying", error.__class__.__name__)
 

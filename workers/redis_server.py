@@ -81,10 +81,19 @@ def redact_url(url: str) -> str:
 class RedisServer:
     """One redis-server child process with a data folder and append-only persistence."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        appendfsync: str = "always",
+    ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.port = port or free_port(host)
+        # "always": an accepted job survives even a crash of Redis itself, at the cost of
+        # one fsync per write, which is nothing next to a model's answer.
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,7 +110,7 @@ class RedisServer:
             "--bind", self.host,
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),

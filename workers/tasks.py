@@ -99,8 +99,11 @@ def _redis_client() -> redis.Redis:
 def _start_recovery(sender: Any, **_: object) -> None:
     # Every worker (inference, delivery, helper) records who holds which job and
     # returns the jobs of dead workers to their queues.
+    settings = get_settings()
+    # Past the hard time limit (plus a margin) no inference job can still be running.
+    stuck_after = settings.task_time_limit * 1.2 + 10
     recovery = Recovery(app, _redis_client(), instance_id(sender.hostname),
-                        get_settings().worker_heartbeat_ttl)  # fmt: skip
+                        settings.worker_heartbeat_ttl, stuck_after)  # fmt: skip
     recovery.start()
     _recovery.append(recovery)
 

@@ -132,3 +132,40 @@ def test_a_delivery_killed_after_twilio_accepted_sends_nothing_twice(
                 stop_process(process)
     assert len(twilio.attempts(number)) == 1
     assert twilio.delivered(number) == ["Only once, please"]
+
+
+def test_redis_killed_while_texts_arrive_loses_none_and_repeats_none(
+    chaos_redis: RedisServer, tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    # A job running when Redis dies cannot be acknowledged; it is returned once it is
+    # older than the hard time limit (short here, to keep the test short).
+    env = dict(chaos_env(chaos_redis, tmp_path, twilio), GPT4P_ENGINE="echo",
+               GPT4P_TASK_TIME_LIMIT="5", GPT4P_TASK_SOFT_TIME_LIMIT="4")  # fmt: skip
+    before = [f"+1678000{i:04d}" for i in range(5)]
+    during = [f"+1679000{i:04d}" for i in range(5)]
+    worker = start_worker(env, "echo-outage@test")
+    deliver = start_worker(env, "deliver-outage@test", command="deliver")
+    port = free_port()
+    web = start_web(env, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for number in before:
+            assert text(base, twilio, number, f"before {number}") == 200
+        assert chaos_redis.process is not None
+        chaos_redis.process.kill()  # a crash: no shutdown, only the append-only file remains
+        chaos_redis.process.wait(10)
+        for number in during:  # Twilio gets a normal answer: the messages are spooled
+            assert text(base, twilio, number, f"during {number}") == 200
+        restarted = RedisServer(chaos_redis.data_dir, port=chaos_redis.port).start()
+        chaos_redis.process = restarted.process
+        wait_for(lambda: answered(twilio, before + during) == 10, 120,
+                 "every accepted text to be answered")  # fmt: skip
+        client = redis.Redis.from_url(chaos_redis.url)
+        wait_for(lambda: client.llen("inference") + client.llen("deliver.sms") == 0, 60,
+                 "the queues to drain")  # fmt: skip
+        client.close()
+    finally:
+        for process in (web, deliver, worker):
+            stop_process(process)
+    assert [len(twilio.delivered(n)) for n in before + during] == [1] * 10
+    assert twilio.delivered(during[0]) == [f"during {during[0]}"]
