@@ -36,6 +36,8 @@ BUILT_IN_HELPERS = ("calc", "image", "time")
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S, then the stack gives up and stops
+RESTART_WINDOW_S = 120.0
 KILL_WAIT_S = 5.0
 
 
@@ -61,6 +63,7 @@ class Child:
     name: str
     command: list[str]
     process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
 
     def start(self, env: dict[str, str]) -> None:
         """Start it in a session of its own."""
@@ -90,6 +93,7 @@ class Stack:
     redis: RedisServer | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
+    env: dict[str, str] = field(default_factory=dict)
 
     def plan(self) -> list[Child]:
         """The children to start, in start order."""
@@ -158,9 +162,9 @@ class Stack:
             self.redis = RedisServer(self.settings.state_dir / "redis").start()
             self.redis_url = self.redis.url
             write_runtime_url(self.settings, self.redis_url)
-        env = dict(os.environ, GPT4P_REDIS_URL=self.redis_url)
+        self.env = dict(os.environ, GPT4P_REDIS_URL=self.redis_url)
         for child in self.plan():
-            child.start(env)
+            child.start(self.env)
             self.children.append(child)
         self._announce()
 
@@ -179,15 +183,24 @@ class Stack:
         print("gpt4people is up:\n  " + "\n  ".join(lines), flush=True)
 
     def watch(self) -> int:
-        """Wait until asked to stop or until a child dies; return the exit status."""
+        """Restart children that die (a few times); return when asked to stop or they keep dying."""
         while not self.stopping:
             for child in self.children:
-                if not child.alive():
-                    code = child.process.returncode if child.process else None
-                    log.error("%s exited unexpectedly (status %s); stopping", child.name, code)
-                    print(f"gpt4people: {child.name} exited (status {code}); stopping",
+                if child.alive():
+                    continue
+                code = child.process.returncode if child.process else None
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+                if len(child.restarts) >= MAX_RESTARTS:
+                    print(f"gpt4people: {child.name} keeps exiting (status {code}); stopping",
                           file=sys.stderr, flush=True)  # fmt: skip
                     return 1
+                # A worker's consumer can die when Redis goes away (a kombu bug); its jobs
+                # are safe in Redis and a fresh process picks them up.
+                print(f"gpt4people: {child.name} exited (status {code}); restarting",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                child.restarts.append(now)
+                child.start(self.env)
             if self.redis and self.redis.process and self.redis.process.poll() is not None:
                 print("gpt4people: Redis exited; stopping", file=sys.stderr, flush=True)
                 return 1
