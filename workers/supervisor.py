@@ -106,7 +106,19 @@ class Stack:
             for i in range(1, self.workers + 1)
         ]
         children.append(
-            Child("deliver", [python, "-m", "workers.cli", "deliver", "--hostname", "deliver@%h"])
+            Child(
+                "deliver",
+                [
+                    python,
+                    "-m",
+                    "workers.cli",
+                    "deliver",
+                    "--hostname",
+                    "deliver@%h",
+                    "--concurrency",
+                    "2",
+                ],
+            )
         )
         children.extend(
             Child(f"helper-{name}", [python, "-m", "workers.cli", "helper", name,
