@@ -113,7 +113,8 @@ class Recovery:
             try:
                 self._beat()
                 reap_once(self.app, self.client, self.ttl, self.stuck_after)
-            except (redis.RedisError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - this thread must outlive any failure
+                # (kombu raises its own OperationalError while Redis is away)
                 log.warning("recovery check failed (%s); retrying", error.__class__.__name__)
 
     def stop(self) -> None:
