@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from workers.status import queue_depths
+
 log = logging.getLogger(__name__)
 
 PREFIX = "gpt4p:metrics:"
@@ -143,10 +145,6 @@ class RedisCollector(Collector):
 
     def _queue_depths(self) -> Metric:
         family = GaugeMetricFamily("gpt4p_queue_depth", DOCS["gpt4p_queue_depth"], labels=["queue"])
-        names = {"inference"}
-        for pattern in ("inference.gpu*", "deliver.*", "helper.*"):
-            names.update(k.decode() for k in self.redis.scan_iter(match=pattern, count=200))
-        for name in sorted(names):
-            if self.redis.type(name) == b"list" or name == "inference":
-                family.add_metric([name], float(cast(int, self.redis.llen(name))))
+        for name, depth in queue_depths(self.redis).items():
+            family.add_metric([name], float(depth))
         return family

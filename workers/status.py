@@ -11,14 +11,19 @@ from workers.model_files import model_label
 from workers.redis_server import redact_url, resolve_redis_url
 from workers.settings import Settings
 
+QUEUE_PATTERNS = (f"{INFERENCE_QUEUE}.*", "deliver.*", "helper.*")
 
-def _queue_depths(client: redis.Redis) -> dict[str, int]:
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Jobs waiting in every GPT4People queue (inference, per-GPU/model, delivery, helpers)."""
     names = {INFERENCE_QUEUE}
-    for key in client.scan_iter(match=f"{INFERENCE_QUEUE}.gpu*", count=100):
-        names.add(key.decode())
-    for key in client.scan_iter(match="deliver.*", count=100):
-        names.add(key.decode())
-    return {name: int(cast(int, client.llen(name))) for name in sorted(names)}
+    for pattern in QUEUE_PATTERNS:
+        names.update(key.decode() for key in client.scan_iter(match=pattern, count=200))
+    return {
+        name: int(cast(int, client.llen(name)))
+        for name in sorted(names)
+        if name == INFERENCE_QUEUE or client.type(name) == b"list"
+    }
 
 
 def _workers(timeout: float) -> dict[str, Any]:
@@ -51,7 +56,7 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         info = cast(dict[str, Any], client.info("server"))
         report["redis"]["version"] = info.get("redis_version")
         report["redis"]["up"] = True
-        report["queues"] = _queue_depths(client)
+        report["queues"] = queue_depths(client)
     except redis.RedisError as error:
         report["redis"]["error"] = f"{error.__class__.__name__}: {error}"
         return report
