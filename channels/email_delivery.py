@@ -17,15 +17,13 @@ import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate, parseaddr
-from functools import lru_cache
 from typing import Any, cast
 
-import redis
 from celery import Task
 
 from channels.email import PREFIX, EmailRecords, digest
 from channels.email_parse import base_subject
-from workers.app import app
+from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_task
 from workers.logs import bind_job
 from workers.metrics import Metrics
@@ -133,12 +131,6 @@ def send_smtp(message: EmailMessage, settings: Settings) -> None:
         raise TransientSmtpError(f"SMTP unreachable ({e.__class__.__name__})") from e
 
 
-@lru_cache(maxsize=1)
-def _redis() -> redis.Redis:
-    url = str(app.conf.broker_url)
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-
-
 def _backoff(settings: Settings, retries: int) -> float:
     delay = min(settings.email_retry_backoff * 2**retries, 600.0)
     return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
@@ -154,7 +146,7 @@ def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
 
 def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
     settings = get_settings()
-    client = _redis()
+    client = broker_redis()
     who = digest(reply.reply_to.lower())
     key = f"{PREFIX}sent:{reply.job_id}"
     if not client.set(key, "sending", nx=True, ex=SEND_IN_FLIGHT_TTL_S):

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-import redis
 import requests
 from celery import Task
 from twilio.base.exceptions import TwilioRestException
@@ -27,7 +26,7 @@ from twilio.rest import Client
 
 from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
-from workers.app import app
+from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
 from workers.logs import bind_job
 from workers.metrics import Metrics
@@ -117,11 +116,8 @@ def _sender() -> TwilioSender:
     return TwilioSender(get_settings())
 
 
-@lru_cache(maxsize=1)
 def _state() -> SmsState:
-    url = str(app.conf.broker_url)
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-    return SmsState(client, get_settings())
+    return SmsState(broker_redis(), get_settings())
 
 
 def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: int) -> int:

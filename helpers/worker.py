@@ -6,12 +6,12 @@ import importlib
 import logging
 from typing import Any
 
-import redis
 from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
 
 from helpers.registry import Heartbeat, HelperRegistry
 from helpers.sdk import Helper, HelperError, HelperRequest
+from workers.app import broker_redis
 from workers.contract import helper_queue, helper_task
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def run_helper_worker(
 ) -> None:
     """Run `helper` as a Celery worker until stopped, registered while it runs."""
     register_task(app, helper)
-    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
-                                  socket_connect_timeout=5)  # fmt: skip
-    registry = HelperRegistry(client, ttl=ttl)
+    registry = HelperRegistry(broker_redis(), ttl=ttl)
     beats: list[Heartbeat] = []
 
     @worker_ready.connect(weak=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
+import redis
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 
@@ -22,6 +24,17 @@ def _structured_logs(logger: logging.Logger, **_: object) -> None:
     # Celery sets up its own handlers in workers; give them our format and job ids.
     for handler in logger.handlers:
         configure_handler(handler, get_settings().log_format)
+
+
+@lru_cache(maxsize=1)
+def broker_redis() -> redis.Redis:
+    """This process's client of the broker's Redis, for GPT4People's own records.
+
+    One thread-safe connection pool per process (redis-py resets it after a fork),
+    shared by heartbeats, recovery, metrics, streaming and deliveries.
+    """
+    return redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
+                                socket_connect_timeout=5)  # fmt: skip
 
 
 def celery_for(settings: Settings) -> Celery:

@@ -180,15 +180,11 @@ def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:
     import signal as signals
 
-    import redis
-
     from channels.email_poller import EmailNotConfiguredError, MailboxPoller
-    from workers.app import app
+    from workers.app import app, broker_redis
 
-    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
-                                  socket_connect_timeout=5)  # fmt: skip
     try:
-        poller = MailboxPoller(settings, client, app)
+        poller = MailboxPoller(settings, broker_redis(), app)
     except EmailNotConfiguredError as error:
         raise CliError(str(error), EXIT_SETTINGS) from None
 

@@ -22,7 +22,7 @@ from celery.signals import (
 )
 
 from helpers.registry import HelperRegistry
-from workers.app import app
+from workers.app import app, broker_redis
 from workers.contract import (
     DELIVERED_CHANNELS,
     INFERENCE_QUEUE,
@@ -53,10 +53,8 @@ def get_gateway() -> HelperGateway:
     """This process's way to call helpers (one Redis connection pool)."""
     global _gateway
     if _gateway is None:
-        client = redis.Redis.from_url(
-            str(app.conf.broker_url), socket_timeout=10, socket_connect_timeout=5
-        )
-        _gateway = HelperGateway(app, HelperRegistry(client, ttl=get_settings().helper_ttl))
+        registry = HelperRegistry(broker_redis(), ttl=get_settings().helper_ttl)
+        _gateway = HelperGateway(app, registry)
     return _gateway
 
 
@@ -91,10 +89,6 @@ _heartbeats: list[WorkerHeartbeat] = []
 _recovery: list[Recovery] = []
 
 
-def _redis_client() -> redis.Redis:
-    return redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=5)
-
-
 @worker_ready.connect
 def _start_recovery(sender: Any, **_: object) -> None:
     # Every worker (inference, delivery, helper) records who holds which job and
@@ -102,7 +96,7 @@ def _start_recovery(sender: Any, **_: object) -> None:
     settings = get_settings()
     # Past the hard time limit (plus a margin) no inference job can still be running.
     stuck_after = settings.task_time_limit * 1.2 + 10
-    recovery = Recovery(app, _redis_client(), instance_id(sender.hostname),
+    recovery = Recovery(app, broker_redis(), instance_id(sender.hostname),
                         settings.worker_heartbeat_ttl, stuck_after)  # fmt: skip
     recovery.start()
     _recovery.append(recovery)
@@ -124,8 +118,7 @@ def _announce_inference_worker(sender: Any, **_: object) -> None:
     queues = {q.name for q in sender.task_consumer.queues}
     if INFERENCE_QUEUE not in queues:
         return
-    client = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=5)
-    heartbeat = WorkerHeartbeat(client, sender.hostname, model_label(get_settings()))
+    heartbeat = WorkerHeartbeat(broker_redis(), sender.hostname, model_label(get_settings()))
     heartbeat.start()
     _heartbeats.append(heartbeat)
 
@@ -173,7 +166,7 @@ class _Timing:
 
 
 def _metrics() -> Metrics:
-    return Metrics(get_gateway().registry.redis)
+    return Metrics(broker_redis())
 
 
 def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
@@ -199,13 +192,8 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     worker = self.request.hostname or ""
     helpers, tools = get_gateway(), get_settings().model_tools
     timing = _Timing()
-    if job.options.stream:
-        url = str(self.app.conf.broker_url)
-        with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as client:
-            sink = timing.wrap(_stream_sink(job, client))
-            reply = answer(job, get_engine(), worker, sink, helpers, tools)
-    else:
-        reply = answer(job, get_engine(), worker, timing.wrap(None), helpers, tools)
+    stream = _stream_sink(job, broker_redis()) if job.options.stream else None
+    reply = answer(job, get_engine(), worker, timing.wrap(stream), helpers, tools)
     _record(job, reply, worker, timing)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
