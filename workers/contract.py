@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -129,6 +129,13 @@ class Job(BaseModel):
     def prompt(self) -> str:
         """The text of the latest user message."""
         return self.messages[-1].content
+
+    def reply(self, text: str, model: str, engine: str, **fields: Any) -> Reply:
+        """The `Reply` to this job: its addresses and channel context, with `text`."""
+        fields.setdefault("context", self.context)
+        return Reply(job_id=self.id, channel=self.channel, reply_to=self.reply_to,
+                     reply_from=self.reply_from, text=text, model=model, engine=engine,
+                     **fields)  # fmt: skip
 
     def to_task_arg(self) -> dict[str, object]:
         """The JSON-safe form sent to Celery."""

@@ -52,10 +52,8 @@ def _helper_reply(job: Job, outcome: HelperOutcome) -> Reply:
     context = dict(job.context)
     if outcome.image_base64 and outcome.image_type and job.channel in IMAGE_CHANNELS:
         context.update(image_base64=outcome.image_base64, image_type=outcome.image_type)
-    return Reply(job_id=job.id, channel=job.channel, reply_to=job.reply_to,
-                 reply_from=job.reply_from, context=context, text=outcome.text,
-                 model=outcome.name, engine="helper",
-                 finish_reason="stop" if outcome.ok else "fallback")  # fmt: skip
+    return job.reply(outcome.text, outcome.name, "helper", context=context,
+                     finish_reason="stop" if outcome.ok else "fallback")  # fmt: skip
 
 
 def _tool_instruction(helpers: list[HelperInfo]) -> str:
@@ -118,9 +116,7 @@ def _model_reply(
     text = generation.text.strip()
     if on_text is not None:
         on_text(text)
-    return Reply(job_id=job.id, channel=job.channel, reply_to=job.reply_to,
-                 reply_from=job.reply_from, context=job.context, text=text,
-                 model=engine.model_name, engine=engine.name,
+    return job.reply(text, engine.model_name, engine.name,
                  finish_reason=generation.finish_reason,
                  prompt_tokens=generation.prompt_tokens,
                  completion_tokens=generation.completion_tokens)  # fmt: skip
@@ -163,15 +159,10 @@ def generate_reply(
         text, finish_reason = BLANK_FALLBACK, "fallback"
         if on_text is not None:
             on_text(text)
-    return Reply(
-        job_id=job.id,
-        channel=job.channel,
-        reply_to=job.reply_to,
-        reply_from=job.reply_from,
-        context=job.context,
-        text=text,
-        model=engine.model_name,
-        engine=engine.name,
+    return job.reply(
+        text,
+        engine.model_name,
+        engine.name,
         finish_reason=finish_reason,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
