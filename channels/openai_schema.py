@@ -82,6 +82,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = False  # llama-server's and vLLM's extension, for benchmarks
 
     @field_validator("stop")
     @classmethod
@@ -108,6 +109,7 @@ class ChatCompletionRequest(BaseModel):
             stop=stops,
             seed=self.seed,
             stream=self.stream,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -106,6 +106,7 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers.contract import INFERENCE_QUEUE, gpu_queue, model_queue
+    from workers.engines import INFERENCE_WORKER_ENV, batches
     from workers.model_files import model_label
 
     if args.gpus is not None:
@@ -120,17 +121,22 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["GPT4P_GPU"] = str(args.gpu)  # offload all layers unless told otherwise
         queues.append(gpu_queue(args.gpu))
         hostname = args.hostname or f"gpu{args.gpu}@%h"
-        concurrency = 1  # one inference at a time per GPU
+        concurrency = 1  # unbatched: one inference at a time per GPU
+    pool = "prefork"
+    if batches(settings):
+        # One batched engine per process: task threads hand it their jobs.
+        pool, concurrency = "threads", settings.parallel
     if settings.engine == "llama":
         from workers.model_files import resolve_model_path
 
         resolve_model_path(settings)  # assemble the default model in the parent, once
+    os.environ[INFERENCE_WORKER_ENV] = "1"
     command = [
         sys.executable, "-m", "celery", "-A", "workers", "worker",
         "--queues", ",".join(queues),
         "--hostname", hostname,
         "--concurrency", str(concurrency),
-        "--pool", "prefork",
+        "--pool", pool,
         "--loglevel", settings.log_level,
         "--without-mingle", "--without-gossip",
         "--task-events",

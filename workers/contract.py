@@ -93,6 +93,11 @@ class GenerationOptions(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stream: bool = Field(False, description="Publish text as it is generated (HTTP SSE).")
+    ignore_eos: bool = Field(
+        False, description="Generate max_tokens, never ending at the model's end of turn "
+        "(end token or template stop string); llama-server's and vLLM's extension, for "
+        "benchmarks. The caller's own stop strings still apply.",
+    )  # fmt: skip
 
 
 class Job(BaseModel):

@@ -33,7 +33,7 @@ from workers.contract import (
     delivery_task,
 )
 from workers.core import answer
-from workers.engines import Engine, TextSink, create_engine
+from workers.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
 from workers.liveness import WorkerHeartbeat
 from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from workers.model_files import model_label
@@ -67,10 +67,7 @@ def get_engine() -> Engine:
         return _engine
 
 
-@worker_process_init.connect
-def _load_engine_in_child(**_: object) -> None:
-    # Loaded in each pool process after the fork: llama.cpp state must not be
-    # shared across fork, and the first job should not pay for the load.
+def _preload(where: str) -> None:
     started = time.monotonic()
     try:
         get_engine()
@@ -81,8 +78,23 @@ def _load_engine_in_child(**_: object) -> None:
         # A model that cannot load never will: stop the worker instead of letting
         # the pool restart this process in a loop.
         log.critical("cannot load the model (%s); stopping this worker", error)
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(os.getppid() if where == "child" else os.getpid(), signal.SIGTERM)
         raise
+
+
+@worker_process_init.connect
+def _load_engine_in_child(**_: object) -> None:
+    # One job at a time per process: loaded in each pool process after the fork
+    # (llama.cpp state must not be shared across fork; the first job should not wait).
+    if os.environ.get(INFERENCE_WORKER_ENV) == "1" and not batches(get_settings()):
+        _preload("child")
+
+
+@worker_ready.connect
+def _load_batched_engine(**_: object) -> None:
+    # Batched: one engine in the worker process itself, shared by the task threads.
+    if os.environ.get(INFERENCE_WORKER_ENV) == "1" and batches(get_settings()):
+        _preload("main")
 
 
 _heartbeats: list[WorkerHeartbeat] = []
@@ -132,9 +144,13 @@ def _retire_inference_worker(**_: object) -> None:
 
 
 @worker_process_shutdown.connect
+@worker_shutdown.connect
 def _drop_engine(**_: object) -> None:
     global _engine
-    _engine = None
+    engine, _engine = _engine, None
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 def _stream_sink(job: Job, client: redis.Redis) -> TextSink:

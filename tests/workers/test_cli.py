@@ -92,15 +92,17 @@ def test_ask_is_answered_by_the_real_model(model_env: dict[str, str], model_work
 
 
 @pytest.mark.model
-def test_the_model_is_loaded_once_in_the_pool_process_not_per_job(
+def test_the_model_is_loaded_once_per_worker_not_per_job(
     model_env: dict[str, str], model_worker: str, state_dir: Path
 ) -> None:
     for question in ("Name a colour.", "Name a fruit."):
         assert run_cli(["ask", "--max-tokens", "8", question], model_env).returncode == 0
-    loads = [line for line in (state_dir / "model@test.log").read_text().splitlines()
+    loads = [json.loads(line) for line in (state_dir / "model@test.log").read_text().splitlines()
              if "model loaded:" in line]  # fmt: skip
     assert len(loads) == 1
-    assert "ForkPoolWorker" in loads[0]  # in the child after the fork, not in the parent
+    # Batched (the default): one engine in the worker process, shared by its task threads.
+    assert loads[0]["process"] == "MainProcess"
+    assert "batched: 8 slots" in loads[0]["msg"]
 
 
 def test_prompts_and_replies_stay_out_of_the_worker_log(

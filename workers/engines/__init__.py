@@ -15,6 +15,10 @@ from workers.settings import Settings
 
 TextSink = Callable[[str], None]
 
+# Set by `gpt4people worker`: the process answers inference jobs, so it loads the model
+# at start. Other workers (deliveries, helpers) import the same tasks but never load it.
+INFERENCE_WORKER_ENV = "GPT4P_INFERENCE_WORKER"
+
 
 class PromptTooLongError(ValueError):
     """The conversation does not fit the model's context window, even cut to its last turn."""
@@ -56,6 +60,15 @@ def create_engine(settings: Settings) -> Engine:
         from workers.engines.scripted import ScriptedEngine
 
         return ScriptedEngine()
+    if settings.parallel > 1:
+        from workers.engines.batched import BatchedLlamaEngine
+
+        return BatchedLlamaEngine.load(settings)
     from workers.engines.llama import LlamaEngine
 
     return LlamaEngine.load(settings)
+
+
+def batches(settings: Settings) -> bool:
+    """Whether workers with these settings run the batched engine (a threads pool)."""
+    return settings.engine == "llama" and settings.parallel > 1

@@ -1,4 +1,4 @@
-"""The llama.cpp engine: the one module in GPT4People that imports ``llama_cpp``."""
+"""The unbatched llama.cpp engine: one job at a time per process (GPT4P_PARALLEL=1)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any, cast
 from llama_cpp import Llama
 
 from workers.contract import ChatMessage, GenerationOptions
-from workers.engines import Generation, PromptTooLongError, TextSink
+from workers.engines import Generation, TextSink
+from workers.engines.prompting import PromptFitter
 from workers.model_files import model_label, resolve_model_path
-from workers.prompt import PromptText, build_prompt
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,20 @@ class LlamaEngine:
         self._settings = settings
         self._lock = threading.Lock()
         self.model_name = model_name
-        self.chat_template: str | None = llm.metadata.get("tokenizer.chat_template") or None
-        self.bos_token = self._token_text(llm.token_bos())
-        self.eos_token = self._token_text(llm.token_eos())
+        self._fitter = PromptFitter(
+            settings,
+            llm.metadata.get("tokenizer.chat_template") or None,
+            lambda text, add_bos, special: llm.tokenize(text.encode("utf-8"), add_bos, special),
+            self._token_text,
+            llm.token_bos(),
+            llm.token_eos(),
+        )
+        self.chat_template = self._fitter.chat_template
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
     @classmethod
     def load(cls, settings: Settings, path: Path | None = None) -> LlamaEngine:
@@ -57,43 +68,6 @@ class LlamaEngine:
         )  # fmt: skip
         return cls(llm, settings, model_label(settings))
 
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
-
-    def _tokens(self, prompt: PromptText) -> list[int]:
-        text = prompt.text
-        # A template that writes the BOS token itself must not get a second one.
-        add_bos = not (self.bos_token and text.startswith(self.bos_token))
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=prompt.templated)
-
-    def _fit(
-        self, messages: Sequence[ChatMessage], max_tokens: int
-    ) -> tuple[PromptText, list[int], int]:
-        """Drop the oldest turns until the prompt and the answer fit the context window."""
-        n_ctx = self._settings.n_ctx
-        turns = list(messages)
-        while True:
-            prompt = build_prompt(
-                turns,
-                self._settings.system_prompt,
-                self.chat_template,
-                self.bos_token,
-                self.eos_token,
-            )
-            tokens = self._tokens(prompt)
-            room = n_ctx - len(tokens)
-            if room >= min(max_tokens, 16):
-                return prompt, tokens, min(max_tokens, room)
-            if len(turns) <= 1 or (len(turns) == 2 and turns[0].role == "system"):
-                raise PromptTooLongError(
-                    f"the message is {len(tokens)} tokens long; this model reads at most "
-                    f"{n_ctx - 16}"
-                )
-            first_dialogue = 1 if turns[0].role == "system" else 0
-            del turns[first_dialogue]
-
     def generate(
         self,
         messages: Sequence[ChatMessage],
@@ -104,7 +78,7 @@ class LlamaEngine:
         settings = self._settings
         wanted = min(options.max_tokens or settings.max_tokens, settings.max_tokens)
         with self._lock:
-            prompt, tokens, max_tokens = self._fit(messages, wanted)
+            prompt, tokens, max_tokens = self._fitter.fit(messages, wanted)
             stream = cast(
                 Iterator[dict[str, Any]],
                 self._llm.create_completion(
@@ -114,7 +88,11 @@ class LlamaEngine:
                     if options.temperature is None
                     else options.temperature,
                     top_p=options.top_p if options.top_p is not None else 0.95,
-                    stop=[*prompt.stop, *options.stop],
+                    # ignore_eos: no end token, no template stop strings (the caller's stay).
+                    stop=[*([] if options.ignore_eos else prompt.stop), *options.stop],
+                    logit_bias={self._llm.token_eos(): float("-inf")}
+                    if options.ignore_eos
+                    else None,
                     seed=options.seed if options.seed is not None else settings.seed,
                     stream=True,
                 ),

@@ -1,0 +1,160 @@
+"""The batched engine: jobs decoded together answer exactly as they would alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from workers.contract import ChatMessage, GenerationOptions
+from workers.engines import Generation
+from workers.engines.batched import BatchedLlamaEngine
+from workers.settings import Settings
+
+pytestmark = pytest.mark.model
+
+GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Why is the sky blue?",
+    "What do bees make?",
+    "How many legs does a spider have?",
+    "Write a short greeting for a friend.",
+]
+
+
+def settings(**fields: object) -> Settings:
+    # Batch-invariant: what these tests compare is exact text, and llama.cpp's repacked
+    # CPU kernels round a lone token differently from a group (see the README).
+    base = Settings(engine="llama", n_ctx=512, n_threads=2, max_tokens=64, parallel=4,
+                    batch_invariant=True)  # fmt: skip
+    return base.model_copy(update=fields)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[BatchedLlamaEngine]:
+    engine = BatchedLlamaEngine.load(settings())
+    yield engine
+    engine.close()
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+def test_each_job_in_a_batch_answers_as_it_would_alone(engine: BatchedLlamaEngine) -> None:
+    steps = engine.steps
+    alone = [engine.generate(ask(q), GREEDY).text for q in QUESTIONS]
+    steps_alone, steps = engine.steps - steps, engine.steps
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:  # more jobs than slots: some wait
+        together = list(pool.map(lambda q: engine.generate(ask(q), GREEDY).text, QUESTIONS))
+    assert together == alone
+    assert all(text.strip() for text in together)
+    # Decoded together: far fewer llama_decode calls than one job after another.
+    assert engine.steps - steps < steps_alone / 2
+
+
+def test_the_default_fast_kernels_answer_every_job_in_a_batch() -> None:
+    engine = BatchedLlamaEngine.load(settings(batch_invariant=False))
+    try:
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            generations = list(pool.map(lambda q: engine.generate(ask(q), GREEDY), QUESTIONS))
+    finally:
+        engine.close()
+    assert all(g.text.strip() and 0 < g.completion_tokens <= 24 for g in generations)
+    assert "Paris" in generations[0].text
+
+
+def test_jobs_of_different_lengths_finish_independently(engine: BatchedLlamaEngine) -> None:
+    finished: dict[str, float] = {}
+
+    def run(name: str, max_tokens: int) -> Generation:
+        options = GenerationOptions(temperature=0.0, max_tokens=max_tokens, stop=[])
+        generation = engine.generate(ask("Tell me a long story about a dragon."), options)
+        finished[name] = time.monotonic()
+        return generation
+
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(run, "long", 60)
+        short = pool.submit(run, "short", 3)
+        short_generation, long_generation = short.result(), long.result()
+    assert short_generation.completion_tokens == 3
+    assert short_generation.finish_reason == "length"
+    assert long_generation.completion_tokens > 3
+    assert finished["short"] < finished["long"]
+
+
+def test_each_job_keeps_its_own_sampling_settings(engine: BatchedLlamaEngine) -> None:
+    seeded = GenerationOptions(temperature=1.0, seed=5, max_tokens=16)
+    alone_seeded = engine.generate(ask("Name an animal."), seeded).text
+    alone_greedy = engine.generate(ask("Name an animal."), GREEDY).text
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(engine.generate, ask("Name an animal."), seeded)
+        b = pool.submit(engine.generate, ask("Name an animal."), GREEDY)
+        assert (a.result().text, b.result().text) == (alone_seeded, alone_greedy)
+
+
+def test_stop_strings_end_the_answer_and_never_reach_the_stream(
+    engine: BatchedLlamaEngine,
+) -> None:
+    pieces: list[str] = []
+    options = GenerationOptions(temperature=0.0, max_tokens=48, stop=[" the"])
+    generation = engine.generate(ask("Why is the sky blue?"), options, pieces.append)
+    assert " the" not in generation.text
+    assert "".join(pieces) == generation.text
+    assert generation.finish_reason == "stop"
+
+
+def test_a_conversation_turn_reuses_the_history_in_the_kv_cache(
+    engine: BatchedLlamaEngine,
+) -> None:
+    first = ask("My name is Ada. What is the capital of France?")
+    answer = engine.generate(first, GREEDY).text
+    second = [*first, ChatMessage(role="assistant", content=answer),
+              *ask("And what is my name?")]  # fmt: skip
+    reused = engine.reused_tokens
+    reply = engine.generate(second, GREEDY)
+    assert engine.reused_tokens - reused >= 10  # the first turn was not evaluated again
+    fresh = BatchedLlamaEngine.load(settings(parallel=2))
+    try:
+        assert fresh.generate(second, GREEDY).text == reply.text
+    finally:
+        fresh.close()
+
+
+def test_a_job_out_of_time_stops_with_its_text_and_frees_its_slot() -> None:
+    engine = BatchedLlamaEngine.load(settings(parallel=1, task_soft_time_limit=1))
+    try:
+        pieces: list[str] = []
+        long = GenerationOptions(temperature=0.0, max_tokens=400, ignore_eos=True)
+        with pytest.raises(SoftTimeLimitExceeded):
+            engine.generate(ask("Tell me a very long story about a dragon."), long, pieces.append)
+        assert "".join(pieces).strip()  # what was generated so far reached the caller
+        # The only slot is free again: the next job is answered.
+        assert engine.generate(ask("What do bees make?"), GREEDY).text.strip()
+        assert engine.busy_slots == 0
+    finally:
+        engine.close()
+
+
+def test_a_caller_that_gives_up_frees_its_slot() -> None:
+    engine = BatchedLlamaEngine.load(settings(parallel=1))
+    try:
+        stop = threading.Event()
+
+        def impatient(text: str) -> None:
+            if text.strip():
+                stop.set()
+                raise RuntimeError("the client went away")
+
+        with pytest.raises(RuntimeError, match="went away"):
+            engine.generate(ask("Tell me a story."), GenerationOptions(max_tokens=200), impatient)
+        assert stop.is_set()
+        assert engine.generate(ask("What do bees make?"), GREEDY).text.strip()
+    finally:
+        engine.close()
