@@ -138,7 +138,7 @@ class SmsChannel:
         reply = Reply(job_id=f"sms-{inbound.message_sid}", channel=self.name,
                       reply_to=inbound.sender, reply_from=inbound.recipient, text=text,
                       model="none", engine="keyword")  # fmt: skip
-        enqueue_delivery(self.celery, reply)
+        enqueue_delivery(self.celery, self.state.redis, reply)
 
     def receive(self, inbound: SmsInbound, replay: bool = False) -> str:
         """Handle one message exactly once; return what was done (for the log).

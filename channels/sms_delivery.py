@@ -26,6 +26,7 @@ from twilio.rest import Client
 
 from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
+from workers import ledger
 from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
 from workers.logs import bind_job
@@ -199,12 +200,10 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
     return {"sent": sent, "status": "delivered"}
 
 
-def enqueue_delivery(celery: Any, reply: Reply) -> None:
-    """Put `reply` on the SMS delivery queue."""
-    celery.send_task(
-        delivery_task("sms"),
-        args=[reply.model_dump(mode="json")],
-        queue=delivery_queue("sms"),
-        argsrepr=f"<reply to job {reply.job_id} via sms>",
-        kwargsrepr="{}",
-    )
+def enqueue_delivery(celery: Any, client: Any, reply: Reply) -> None:
+    """Put `reply` on the SMS delivery queue (ledgered, so a Redis crash cannot lose it).
+
+    `client` is a Redis client of the broker's server."""
+    ledger.send(celery, client, delivery_task("sms"), [reply.model_dump(mode="json")],
+                delivery_queue("sms"), task_id=f"{reply.job_id}.deliver",
+                argsrepr=f"<reply to job {reply.job_id} via sms>")  # fmt: skip

@@ -20,6 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from workers import ledger
 from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
 from workers.metrics import Metrics
 from workers.privacy import job_summary
@@ -32,6 +33,7 @@ IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 # Celery's Redis result backend stores a result under this key and publishes it on a
 # channel of the same name; waiting on the channel answers without polling.
 RESULT_KEY_PREFIX = "celery-task-meta-"
+RESULT_MAX_AGE_S = 24 * 3600  # celeryconfig.result_expires
 
 
 class JobTimeoutError(TimeoutError):
@@ -68,20 +70,14 @@ def submit(
         if key is not None:
             if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
                 existing = cast(bytes | None, client.get(key))
-                if existing:
+                if existing and not _claimed_but_never_queued(client, job, key, existing.decode()):
                     log.info("duplicate of job %s ignored", existing.decode())
                     return existing.decode()
             claimed = True
-        app.send_task(
-            INFERENCE_TASK,
-            args=[job.to_task_arg()],
-            task_id=job.id,
-            queue=queue,
-            argsrepr=job_summary(job),
-            kwargsrepr="{}",
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-        )
+        # Ledgered: a Redis crash in the instant a worker pops the job cannot lose it.
+        retry_policy = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+        ledger.send(app, client, INFERENCE_TASK, [job.to_task_arg()], queue, task_id=job.id,
+                    argsrepr=job_summary(job), retry=True, retry_policy=retry_policy)  # fmt: skip
         Metrics(client).count("gpt4p_jobs_received", {"channel": job.channel})
     except (redis.RedisError, OperationalError) as error:
         if claimed and key is not None:
@@ -93,6 +89,20 @@ def submit(
         if own_client:
             client.close()
     return job.id
+
+
+def _claimed_but_never_queued(client: redis.Redis, job: Job, key: str, existing: str) -> bool:
+    """A replay of the same job (a spooled SMS) whose first try claimed its key, then
+    lost Redis before the job was ledgered: it must be queued now, not ignored."""
+    if existing != job.id:
+        return False
+    # Only while its result would still be stored: an older claim's result has expired.
+    age = IDEMPOTENCY_TTL_S - cast(int, client.ttl(key))
+    if age > RESULT_MAX_AGE_S:
+        return False
+    return not client.hexists(ledger.LEDGER_KEY, job.id) and not client.exists(
+        RESULT_KEY_PREFIX + job.id
+    )
 
 
 def _release(client: redis.Redis, key: str) -> None:

@@ -26,6 +26,8 @@ from typing import Any, cast
 import redis
 from celery import Celery
 
+from workers import ledger
+
 log = logging.getLogger(__name__)
 
 OWNERS_KEY = "gpt4p:recovery:owners"  # delivery tag -> instance
@@ -68,10 +70,8 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float, stuck_after: float =
         m.decode() for m in cast(list[bytes], client.zrangebyscore(NODES_KEY, now - ttl, "+inf"))
     }
     owners = cast(dict[bytes, bytes], client.hgetall(OWNERS_KEY))
-    if not owners:
-        return 0
     unacked = {t.decode() for t in cast(list[bytes], client.hkeys(UNACKED_KEY))}
-    restored = 0
+    restored = _restore_orphans(app, client, unacked - {t.decode() for t in owners}, now - ttl)
     for raw_tag, raw_owner in owners.items():
         tag, owner = raw_tag.decode(), raw_owner.decode()
         if tag not in unacked:  # acknowledged (done) or already restored
@@ -86,6 +86,27 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float, stuck_after: float =
         log.warning("a job of dead worker %s (delivery %s) returned to its queue",
                     owner.split("#")[0], tag)  # fmt: skip
     client.zremrangebyscore(NODES_KEY, 0, now - 10 * ttl)
+    return restored
+
+
+def _restore_orphans(app: Celery, client: redis.Redis, tags: set[str], before: float) -> int:
+    """Return to their queues the unacked jobs that no worker ever said it received.
+
+    A worker records itself as the holder within milliseconds of taking a job;
+    a job unacked for longer with no holder was taken in the instant Redis
+    crashed (after kombu's unacked record, before the worker saw it), or by a
+    worker that died in that instant. Nobody will run it: without this it
+    would wait for the visibility timeout.
+    """
+    restored = 0
+    for tag in sorted(tags):
+        delivered = cast(float | None, client.zscore(UNACKED_INDEX_KEY, tag))
+        if delivered is None or delivered > before:
+            continue
+        with app.connection_for_write() as connection:
+            connection.default_channel.qos.restore_by_tag(tag)
+        restored += 1
+        log.warning("a job no worker took up (delivery %s) returned to its queue", tag)
     return restored
 
 
@@ -108,11 +129,28 @@ class Recovery:
     def _beat(self) -> None:
         self.client.zadd(NODES_KEY, {self.instance: time.time()})
 
+    def renew(self) -> None:
+        """Become a new instance: the consumer reconnected to Redis after losing it.
+
+        Celery forgets the jobs it had received on the lost connection, and could
+        not acknowledge them anyway: they sit in Redis's unacked hash under the old
+        instance, which stops heart-beating, so within the TTL they are returned to
+        their queues. One still running here is then run twice: answered once.
+        """
+        old, self.instance = self.instance, instance_id(self.instance.split("#")[0])
+        self._beat()
+        log.info("reconnected to Redis: jobs held before go back to their queues within %gs",
+                 self.ttl)  # fmt: skip
+        log.debug("instance %s replaced by %s", old, self.instance)
+
     def _run(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._beat()
                 reap_once(self.app, self.client, self.ttl, self.stuck_after)
+                # Jobs lost from Redis altogether (popped in the instant of a crash).
+                ledger.sweep(self.app, self.client, grace=2 * self.ttl, recheck=self.ttl / 2,
+                             owner=self.instance)  # fmt: skip
             except Exception as error:  # noqa: BLE001 - this thread must outlive any failure
                 # (kombu raises its own OperationalError while Redis is away)
                 log.warning("recovery check failed (%s); retrying", error.__class__.__name__)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, bootsteps
 from celery.signals import (
     task_received,
     worker_process_init,
@@ -22,6 +22,7 @@ from celery.signals import (
 )
 
 from helpers.registry import HelperRegistry
+from workers import ledger
 from workers.app import app, broker_redis
 from workers.contract import (
     DELIVERED_CHANNELS,
@@ -112,6 +113,19 @@ def _start_recovery(sender: Any, **_: object) -> None:
                         settings.worker_heartbeat_ttl, stuck_after)  # fmt: skip
     recovery.start()
     _recovery.append(recovery)
+
+
+class _RenewInstanceOnReconnect(bootsteps.StartStopStep):
+    """Runs each time the consumer (re)connects; on a reconnect, a new recovery instance."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, consumer: Any) -> None:
+        for recovery in _recovery:  # empty on the first start (worker_ready comes after)
+            recovery.renew()
+
+
+app.steps["consumer"].add(_RenewInstanceOnReconnect)
 
 
 @task_received.connect
@@ -219,11 +233,8 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     result = reply.model_dump(mode="json")
     if job.channel in DELIVERED_CHANNELS:
         # The channel answers later: hand the reply to its delivery queue.
-        self.app.send_task(
-            delivery_task(job.channel),
-            args=[result],
-            queue=delivery_queue(job.channel),
-            argsrepr=f"<reply to job {job.id} via {job.channel}>",
-            kwargsrepr="{}",
-        )
+        # Ledgered like the job itself; a fixed id makes a re-run hand off the same delivery.
+        ledger.send(self.app, broker_redis(), delivery_task(job.channel), [result],
+                    delivery_queue(job.channel), task_id=f"{job.id}.deliver",
+                    argsrepr=f"<reply to job {job.id} via {job.channel}>")  # fmt: skip
     return result

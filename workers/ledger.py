@@ -1,0 +1,232 @@
+"""A ledger of every job and delivery until its task has run, so a Redis crash loses none.
+
+kombu's Redis transport takes a message off its queue with ``BRPOP`` and
+records it as unacknowledged in a second command. A Redis crash between the
+two (a window of a millisecond, but real under load) leaves the message in
+neither place: after the restart nobody has it and nobody will answer. Late
+acknowledgement cannot help, the message is simply gone.
+
+So every inference job and every delivery is written to a ledger (task id ->
+how to send it again) *before* it is queued, and struck off when its task has
+run (success or final failure). One worker at a time sweeps the ledger: an
+entry older than a grace period whose task is neither in its queue nor held
+unacknowledged by a worker, in two sweeps in a row, is sent again with the
+same task id. Everything downstream is idempotent per job, so a message that
+only *looked* lost (a worker still running it from memory) costs a second
+generation, never a second answer.
+
+Cost: one HSET per job and one HDEL when it is done; the sweep reads the
+queues of old entries in one Lua script (O(queued messages)), at most once per
+sweep interval across all workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import kombu.exceptions
+import redis
+import redis.exceptions
+from celery import Celery
+from celery.signals import task_postrun, task_revoked
+
+log = logging.getLogger(__name__)
+
+LEDGER_KEY = "gpt4p:ledger"  # task id -> JSON {name, args, queue, argsrepr, at, resent}
+MISSING_KEY = "gpt4p:ledger:missing"  # task id -> when a sweep first found it nowhere
+LOCK_KEY = "gpt4p:ledger:sweep"
+UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
+RESULT_KEY_PREFIX = "celery-task-meta-"
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's queue name suffix for message priorities
+PRIORITY_STEPS = (3, 6, 9)
+FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+# A message lost three times is not lost by accident: stop and say so.
+MAX_RESENDS = 3
+# What a task raises when Redis is unreachable or still loading its data
+# (BusyLoadingError is a ConnectionError): no fault of the job, so not its end.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
+
+# Which of the candidate task ids are in none of the queues (KEYS but the last)
+# nor in the unacked hash (the last KEY). Atomic: no message can move between
+# the two reads while the script runs. Celery puts the task id in the
+# message's correlation_id, both in the queue and in the unacked record.
+_FIND_MISSING = """
+local wanted = {}
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local function seen(message)
+  local id = string.match(message, '"correlation_id": "([^"]*)"')
+  if id then wanted[id] = nil end
+end
+for i = 1, #KEYS - 1 do
+  for _, message in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do seen(message) end
+end
+for _, message in ipairs(redis.call('HVALS', KEYS[#KEYS])) do seen(message) end
+local missing = {}
+for id in pairs(wanted) do missing[#missing + 1] = id end
+return missing
+"""
+
+
+def send(
+    app: Celery,
+    client: redis.Redis,
+    name: str,
+    args: list[Any],
+    queue: str,
+    *,
+    task_id: str | None = None,
+    argsrepr: str | None = None,
+    **options: Any,
+) -> str:
+    """Write the task to the ledger, then queue it; return its id. Raises on Redis errors."""
+    task_id = task_id or str(uuid.uuid4())
+    entry = {"name": name, "args": args, "queue": queue, "argsrepr": argsrepr,
+             "at": time.time(), "resent": 0}  # fmt: skip
+    client.hset(LEDGER_KEY, task_id, json.dumps(entry))
+    app.send_task(name, args=args, task_id=task_id, queue=queue, argsrepr=argsrepr,
+                  kwargsrepr="{}", **options)  # fmt: skip
+    return task_id
+
+
+def strike(client: redis.Redis, task_id: str) -> None:
+    """The task has run: forget it."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hdel(LEDGER_KEY, task_id)
+    pipe.hdel(MISSING_KEY, task_id)
+    pipe.execute()
+
+
+def _queue_keys(queues: Sequence[str]) -> list[str]:
+    keys = []
+    for queue in sorted(set(queues)):
+        keys.append(queue)
+        keys.extend(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)
+    return keys
+
+
+def is_outage(error: object) -> bool:
+    """Whether a task failed because Redis was unreachable (not because of its job)."""
+    return isinstance(error, OUTAGE_ERRORS)
+
+
+def _failed_on_outage(meta: dict[str, Any]) -> bool:
+    result = meta.get("result")
+    if meta.get("status") != "FAILURE" or not isinstance(result, dict):
+        return False
+    module = {"redis.exceptions": redis.exceptions, "kombu.exceptions": kombu.exceptions}.get(
+        str(result.get("exc_module"))
+    )
+    kind = getattr(module, str(result.get("exc_type")), None)
+    return isinstance(kind, type) and issubclass(kind, OUTAGE_ERRORS)
+
+
+def _finished(client: redis.Redis, task_ids: list[str]) -> set[str]:
+    """Which of these tasks have a final result stored (ran, but were not struck off).
+
+    A failure caused by a Redis outage is not final: the task is sent again."""
+    metas = cast(list[bytes | None], client.mget([RESULT_KEY_PREFIX + t for t in task_ids]))
+    done = set()
+    for task_id, raw in zip(task_ids, metas, strict=True):
+        meta = json.loads(raw) if raw is not None else {}
+        if meta.get("status") in FINAL_STATES and not _failed_on_outage(meta):
+            done.add(task_id)
+    return done
+
+
+def sweep(
+    app: Celery, client: redis.Redis, grace: float, recheck: float, owner: str = "sweep"
+) -> list[str]:
+    """Send again the tasks lost from Redis; return their ids.
+
+    An entry is examined once it is `grace` seconds old, and sent again when two
+    sweeps at least `recheck` seconds apart found it nowhere. Only one process
+    sweeps per `recheck` interval (a lock in Redis).
+    """
+    if not client.set(LOCK_KEY, owner, nx=True, px=max(1, int(recheck * 1000))):
+        return []
+    now = time.time()
+    old: dict[str, dict[str, Any]] = {}
+    for raw_id, raw_entry in cast(dict[bytes, bytes], client.hgetall(LEDGER_KEY)).items():
+        entry = json.loads(raw_entry)
+        if now - float(entry["at"]) >= grace:
+            old[raw_id.decode()] = entry
+    raw_missing = cast(dict[bytes, bytes], client.hgetall(MISSING_KEY))
+    seen_missing = {k.decode(): float(v) for k, v in raw_missing.items()}
+    missing: set[str] = set()
+    if old:
+        keys = [*_queue_keys([e["queue"] for e in old.values()]), UNACKED_KEY]
+        found = client.eval(_FIND_MISSING, len(keys), *keys, *old)
+        missing = {m.decode() if isinstance(m, bytes) else str(m) for m in cast(list[Any], found)}
+    reappeared = [t for t in seen_missing if t not in missing]
+    if reappeared:
+        client.hdel(MISSING_KEY, *reappeared)
+    if not missing:
+        return []
+    done = _finished(client, sorted(missing))
+    for task_id in done:
+        strike(client, task_id)
+    resent = []
+    for task_id in sorted(missing - done):
+        first_missing = seen_missing.get(task_id)
+        if first_missing is None:
+            client.hset(MISSING_KEY, task_id, str(now))
+        elif now - first_missing >= recheck and _resend(app, client, task_id, old[task_id]):
+            resent.append(task_id)
+    return resent
+
+
+def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any]) -> bool:
+    if not client.hexists(LEDGER_KEY, task_id):  # it ran meanwhile
+        client.hdel(MISSING_KEY, task_id)
+        return False
+    if entry.get("resent", 0) >= MAX_RESENDS:
+        log.error("task %s (%s) lost %d times; giving up on it", task_id, entry["name"],
+                  entry["resent"])  # fmt: skip
+        strike(client, task_id)
+        return False
+    entry = dict(entry, at=time.time(), resent=entry.get("resent", 0) + 1)
+    client.hset(LEDGER_KEY, task_id, json.dumps(entry))
+    client.hdel(MISSING_KEY, task_id)
+    app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"],
+                  argsrepr=entry.get("argsrepr"), kwargsrepr="{}")  # fmt: skip
+    log.warning("task %s (%s) was lost from Redis; sent again", task_id, entry["name"])
+    return True
+
+
+def _client() -> redis.Redis:
+    from workers.app import broker_redis
+
+    return broker_redis()
+
+
+@task_postrun.connect
+def _strike_finished(
+    task_id: str, state: str | None = None, retval: object = None, **_: object
+) -> None:
+    # RETRY leaves the entry: the retry is the same task id, queued again.
+    if state == "FAILURE" and is_outage(retval):
+        # E.g. a job answered while Redis restarted could not hand its reply on: its
+        # message is acknowledged and gone, so the ledger must send it again.
+        log.warning("task %s failed on a Redis outage; it will be sent again", task_id)
+        return
+    if state in FINAL_STATES:
+        try:
+            strike(_client(), task_id)
+        except redis.RedisError as error:
+            # The sweep finds its result and strikes it then.
+            log.warning("ledger entry of %s kept (%s)", task_id, error.__class__.__name__)
+
+
+@task_revoked.connect
+def _strike_revoked(request: Any, **_: object) -> None:
+    task_id = getattr(request, "id", None)
+    if task_id:
+        try:
+            strike(_client(), task_id)
+        except redis.RedisError as error:
+            log.warning("ledger entry of %s kept (%s)", task_id, error.__class__.__name__)
