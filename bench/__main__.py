@@ -2,8 +2,8 @@
 
 import sys
 
-from bench import ask, sms_burst
+from bench import ask, llama, sms_burst
 
-for benchmark in (ask, sms_burst):
+for benchmark in (ask, sms_burst, llama):
     sys.argv = [benchmark.__name__]
     benchmark.main()
