@@ -207,6 +207,8 @@ async def _stream(
                         break  # every delta was published before the reply was stored
                     continue
                 kind, text = decode_event(message["data"])
+                if kind == "end":
+                    break  # the whole text is here; the reply is being stored
                 if kind == "delta":
                     text = text if sent else text.lstrip()
                     if text:

@@ -13,8 +13,9 @@ def stream_channel(job_id: str) -> str:
     return STREAM_PREFIX + job_id
 
 
-def encode_event(kind: Literal["delta", "restart"], text: str = "") -> str:
-    """One streaming event as JSON: a text delta, or a restart after the job was requeued."""
+def encode_event(kind: Literal["delta", "restart", "end"], text: str = "") -> str:
+    """One streaming event as JSON: a text delta, a restart after the job was requeued,
+    or the end of the text (the reply follows at once)."""
     return json.dumps({"kind": kind, "text": text})
 
 

@@ -98,6 +98,9 @@ def _load_batched_engine(**_: object) -> None:
         _preload("main")
 
 
+# Streamed text is published at most this often (a person reads no faster).
+STREAM_INTERVAL_S = 0.05
+
 _heartbeats: list[WorkerHeartbeat] = []
 _recovery: list[Recovery] = []
 
@@ -167,15 +170,37 @@ def _drop_engine(**_: object) -> None:
         close()
 
 
-def _stream_sink(job: Job, client: redis.Redis) -> TextSink:
-    channel = stream_channel(job.id)
-    # A requeued job starts over: tell the listener to drop what it had.
-    client.publish(channel, encode_event("restart"))
+class _StreamPublisher:
+    """Publishes a job's text as it is generated, at most one message per interval.
 
-    def publish(text: str) -> None:
-        client.publish(channel, encode_event("delta", text))
+    The first text goes at once (time to first token); later tokens are gathered
+    for STREAM_INTERVAL_S, so a fast model is not slowed by a Redis message, an
+    SSE event and a wake-up of every process per token. `flush` sends the rest.
+    """
 
-    return publish
+    def __init__(self, job: Job, client: redis.Redis) -> None:
+        self.client, self.channel = client, stream_channel(job.id)
+        self.pending: list[str] = []
+        self.last = 0.0
+        # A requeued job starts over: tell the listener to drop what it had.
+        client.publish(self.channel, encode_event("restart"))
+
+    def __call__(self, text: str) -> None:
+        self.pending.append(text)
+        if time.monotonic() - self.last >= STREAM_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish what is gathered."""
+        if self.pending:
+            self.client.publish(self.channel, encode_event("delta", "".join(self.pending)))
+            self.pending.clear()
+            self.last = time.monotonic()
+
+    def end(self) -> None:
+        """Publish the rest and say that the text is complete."""
+        self.flush()
+        self.client.publish(self.channel, encode_event("end"))
 
 
 class _Timing:
@@ -222,8 +247,10 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     worker = self.request.hostname or ""
     helpers, tools = get_gateway(), get_settings().model_tools
     timing = _Timing()
-    stream = _stream_sink(job, broker_redis()) if job.options.stream else None
+    stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
     reply = answer(job, get_engine(), worker, timing.wrap(stream), helpers, tools)
+    if stream is not None:
+        stream.end()  # the listener stops here and waits for the reply, stored next
     _record(job, reply, worker, timing)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
