@@ -15,7 +15,7 @@ GPT4People runs as a user runs it: its own Redis, one ``gpt4people worker``
 is built by scripts/install-llama-server (once, cached). Ratios are what to
 read: these machines are noisy. Writes bench/results/llama.json.
 
-    python -m bench.llama [--concurrency 1,4,16] [--tiny-n 20]
+    python -m bench.llama [--concurrency 1,4,16] [--tiny-n 20] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -196,26 +196,32 @@ def queue_overhead(redis_url: str, n: int = 30) -> tuple[float, float]:
             _median_ms(_redis_round_trip(f"{redis_url}/1", n)))  # fmt: skip
 
 
-def measure(base: str, levels: list[int], tiny_n: int, single: bool) -> dict[str, float]:
-    """tiny, time to first token, single stream (when `single`) and cN on one server."""
-    _complete(base, "warm up", 4)
+def _round(base: str, n: int, tiny_n: int, single: bool) -> dict[str, float]:
+    """One round on one server: cN, and tiny, single stream and TTFT when `single`."""
     results: dict[str, float] = {}
     if single:
         results["tiny_ms"] = _tiny(base, tiny_n)
         stream = _stream(base, STORY, ANSWER_TOKENS)
         results["single_tps"] = stream.decode_rate
         results["ttft_ms"] = (stream.first - stream.started) * 1000
-    for n in levels:
-        results[f"c{n}_tps"] = _concurrent(base, n)
+    results[f"c{n}_tps"] = _concurrent(base, n)
     return results
 
 
-def measure_gpt4people(tmp: Path, threads: int, levels: list[int], tiny_n: int) -> dict[str, float]:
-    """Every row on one GPT4People deployment (GPT4P_PARALLEL = the largest N)."""
-    with gpt4people(tmp, threads, max(levels)) as (base, redis_url):
-        results = measure(base, levels, tiny_n, single=True)
-        results["echo_job_ms"], results["redis_rtt_ms"] = queue_overhead(redis_url)
-    return results
+def measure_pair(
+    ours: str, anchor: str, n: int, tiny_n: int, single: bool, rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Both servers in turn, `rounds` times (drift on a noisy machine hits both): medians."""
+    for base in (ours, anchor):
+        _complete(base, "warm up", 4)
+    samples: tuple[list[dict[str, float]], list[dict[str, float]]] = ([], [])
+    for _ in range(rounds):
+        for base, kept in zip((ours, anchor), samples, strict=True):
+            kept.append(_round(base, n, tiny_n, single))
+    ours_medians, anchor_medians = (
+        {key: statistics.median(r[key] for r in kept) for key in kept[0]} for kept in samples
+    )
+    return ours_medians, anchor_medians
 
 
 def main() -> None:
@@ -224,6 +230,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16", help="N for the cN rows")
     parser.add_argument("--tiny-n", type=int, default=20, help="1-token requests to time")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3, help="turns per server (medians)")
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
 
@@ -236,12 +243,18 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     ours: dict[str, float] = {}
     anchor: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ours.update(measure_gpt4people(Path(tmp), args.threads, levels, args.tiny_n))
-    anchor["redis_rtt_ms"] = ours.pop("redis_rtt_ms")
-    for n in levels:  # llama-server --parallel N for each N, as the issue's anchor
-        with llama_server(binary, model, args.threads, n) as base:
-            anchor.update(measure(base, [n], args.tiny_n, single=n == min(levels)))
+    # One GPT4People deployment (GPT4P_PARALLEL = the largest N) for every row, against
+    # llama-server --parallel N for each N, as the issue's anchor; an idle server costs
+    # nothing, so the two take turns.
+    with tempfile.TemporaryDirectory() as tmp, \
+            gpt4people(Path(tmp), args.threads, max(levels)) as (base, redis_url):  # fmt: skip
+        for n in levels:
+            with llama_server(binary, model, args.threads, n) as anchor_base:
+                pair = measure_pair(base, anchor_base, n, args.tiny_n, n == min(levels),
+                                    args.rounds)  # fmt: skip
+            ours.update(pair[0])
+            anchor.update(pair[1])
+        ours["echo_job_ms"], anchor["redis_rtt_ms"] = queue_overhead(redis_url)
     direct = in_process(model, args.threads)
 
     rows = [("tiny (1-token answer), ms", "tiny_ms", "lower"),
@@ -267,7 +280,9 @@ def main() -> None:
                                "redis_rtt_ms": anchor["redis_rtt_ms"]}  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "llama.json").write_text(json.dumps({"threads": args.threads, "rows": table}, indent=2))
+    (out / "llama.json").write_text(
+        json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": table}, indent=2)
+    )
 
 
 if __name__ == "__main__":
