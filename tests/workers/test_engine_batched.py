@@ -128,7 +128,8 @@ def test_a_conversation_turn_reuses_the_history_in_the_kv_cache(
 
 
 def test_a_job_out_of_time_stops_with_its_text_and_frees_its_slot() -> None:
-    engine = BatchedLlamaEngine.load(settings(parallel=1, task_soft_time_limit=1))
+    # 400 tokens take several seconds on a CPU: far past the 1-second limit.
+    engine = BatchedLlamaEngine.load(settings(parallel=1, task_soft_time_limit=1, max_tokens=400))
     try:
         pieces: list[str] = []
         long = GenerationOptions(temperature=0.0, max_tokens=400, ignore_eos=True)
