@@ -72,3 +72,10 @@ def create_engine(settings: Settings) -> Engine:
 def batches(settings: Settings) -> bool:
     """Whether workers with these settings run the batched engine (a threads pool)."""
     return settings.engine == "llama" and settings.parallel > 1
+
+
+def offloaded_layers(settings: Settings) -> int:
+    """Layers to put on the GPU: GPT4P_N_GPU_LAYERS, else all on a GPU worker, none on CPU."""
+    if settings.n_gpu_layers is not None:
+        return settings.n_gpu_layers
+    return -1 if settings.gpu is not None else 0

@@ -38,7 +38,7 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
 from workers.contract import ChatMessage, GenerationOptions
-from workers.engines import Generation, TextSink
+from workers.engines import Generation, TextSink, offloaded_layers
 from workers.engines.prompting import PromptFitter
 from workers.model_files import model_label, resolve_model_path
 from workers.settings import Settings
@@ -151,9 +151,7 @@ class BatchedLlamaEngine:
         """Load the configured GGUF once and start the decode loop."""
         path = path or resolve_model_path(settings)
         started = time.monotonic()
-        gpu_layers = settings.n_gpu_layers
-        if gpu_layers is None:
-            gpu_layers = -1 if settings.gpu is not None else 0
+        gpu_layers = offloaded_layers(settings)
         set_verbose(False)  # llama.cpp's own log: errors only, as Llama(verbose=False) does
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
@@ -205,8 +203,7 @@ class BatchedLlamaEngine:
         gone to `on_text`), like a Celery soft time limit in a process pool.
         """
         settings = self._settings
-        wanted = min(options.max_tokens or settings.max_tokens, settings.max_tokens)
-        prompt, tokens, max_tokens = self._fitter.fit(messages, wanted)
+        prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
         request = _Request(
             tokens=tokens,
             max_tokens=max_tokens,

@@ -13,7 +13,7 @@ from typing import Any, cast
 from llama_cpp import Llama
 
 from workers.contract import ChatMessage, GenerationOptions
-from workers.engines import Generation, TextSink
+from workers.engines import Generation, TextSink, offloaded_layers
 from workers.engines.prompting import PromptFitter
 from workers.model_files import model_label, resolve_model_path
 from workers.settings import Settings
@@ -51,9 +51,7 @@ class LlamaEngine:
         """Load the configured GGUF (GPT4P_MODEL_PATH or the bundled default)."""
         path = path or resolve_model_path(settings)
         started = time.monotonic()
-        gpu_layers = settings.n_gpu_layers
-        if gpu_layers is None:
-            gpu_layers = -1 if settings.gpu is not None else 0
+        gpu_layers = offloaded_layers(settings)
         llm = Llama(
             model_path=str(path),
             n_ctx=settings.n_ctx,
@@ -76,9 +74,8 @@ class LlamaEngine:
     ) -> Generation:
         """Complete the conversation with llama.cpp, streaming text into `on_text`."""
         settings = self._settings
-        wanted = min(options.max_tokens or settings.max_tokens, settings.max_tokens)
         with self._lock:
-            prompt, tokens, max_tokens = self._fitter.fit(messages, wanted)
+            prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
             stream = cast(
                 Iterator[dict[str, Any]],
                 self._llm.create_completion(

@@ -41,10 +41,14 @@ class PromptFitter:
         return self._tokenize(text, add_bos, prompt.templated)
 
     def fit(
-        self, messages: Sequence[ChatMessage], max_tokens: int
+        self, messages: Sequence[ChatMessage], wanted: int | None
     ) -> tuple[PromptText, list[int], int]:
-        """Drop the oldest turns until the prompt and the answer fit the context window."""
+        """Drop the oldest turns until the prompt and the answer fit the context window.
+
+        `wanted`: the tokens the caller asked for (None: GPT4P_MAX_TOKENS, also the
+        ceiling). Returns the prompt, its tokens and the tokens left for the answer."""
         n_ctx = self._settings.n_ctx
+        max_tokens = min(wanted or self._settings.max_tokens, self._settings.max_tokens)
         turns = list(messages)
         while True:
             prompt = build_prompt(turns, self._settings.system_prompt, self.chat_template,
