@@ -12,7 +12,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.contract import ChatMessage, GenerationOptions
 from workers.engines import Generation
-from workers.engines.batched import BatchedLlamaEngine
+from workers.engines.batched import TEXT_INTERVAL_S, BatchedLlamaEngine
 from workers.settings import Settings
 
 pytestmark = pytest.mark.model
@@ -97,6 +97,26 @@ def test_each_job_keeps_its_own_sampling_settings(engine: BatchedLlamaEngine) ->
         a = pool.submit(engine.generate, ask("Name an animal."), seeded)
         b = pool.submit(engine.generate, ask("Name an animal."), GREEDY)
         assert (a.result().text, b.result().text) == (alone_seeded, alone_greedy)
+
+
+def test_streamed_text_is_gathered_not_handed_over_per_token(engine: BatchedLlamaEngine) -> None:
+    """The first text goes at once, the rest in pieces no more often than the interval."""
+    arrived: list[tuple[float, str]] = []
+    options = GenerationOptions(temperature=0.0, max_tokens=48, ignore_eos=True)
+    engine.text_interval = 3600.0  # longer than the answer: first piece, then the rest at the end
+    try:
+        generation = engine.generate(
+            ask("Tell me about the sea."),
+            options,
+            lambda text: arrived.append((time.monotonic(), text)),
+        )
+        returned = time.monotonic()
+    finally:
+        engine.text_interval = TEXT_INTERVAL_S
+    assert generation.completion_tokens == 48
+    assert len(arrived) == 2
+    assert "".join(text for _, text in arrived) == generation.text
+    assert arrived[0][0] < arrived[1][0] <= returned
 
 
 def test_stop_strings_end_the_answer_and_never_reach_the_stream(

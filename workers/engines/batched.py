@@ -9,7 +9,8 @@ leave when they finish; each keeps its own sampler (temperature, top-p, seed),
 stop strings, token limit and deadline. The Celery task threads call
 :meth:`BatchedLlamaEngine.generate`, which hands the job over and waits for
 its text (streamed back through a queue, so ``on_text`` runs in the task's
-own thread).
+own thread; gathered for TEXT_INTERVAL_S, so a task thread wakes some 20 times
+a second rather than once per token).
 
 Prefix cache: a slot keeps the tokens of its last job in its KV sequence; a
 new job goes to the free slot that shares the longest prefix with its prompt
@@ -50,6 +51,9 @@ TOP_K = 40
 MIN_P = 0.05
 DEFAULT_TOP_P = 0.95
 BATCH_TOKENS = 512  # tokens per llama_decode call (prompt chunks + one per generating job)
+# A job's text is handed to its task thread at most this often (the first piece at once):
+# waking a thread per token takes a core from the decode on a small machine.
+TEXT_INTERVAL_S = 0.05
 FinishReason = Literal["stop", "length"]
 
 
@@ -71,6 +75,8 @@ class _Request:
     ignore_eos: bool = False
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
+    sent_at: float | None = None  # when text was last handed over (None: the first goes now)
 
 
 @dataclass
@@ -141,6 +147,7 @@ class BatchedLlamaEngine:
         self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._eog_tokens: list[int] | None = None
+        self.text_interval = TEXT_INTERVAL_S
         self.steps = 0  # llama_decode calls, for tests and metrics
         self.reused_tokens = 0  # prompt tokens found in the prefix cache
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
@@ -442,15 +449,22 @@ class BatchedLlamaEngine:
         slot.next_token = token
 
     def _flush(self, slot: _Slot, final: bool) -> None:
-        """Hand the caller the text that can no longer turn into a stop string."""
+        """Hand the caller the text that can no longer turn into a stop string
+        (gathered for TEXT_INTERVAL_S unless `final`)."""
         request = slot.request
         assert request is not None
         if final:
             slot.text += slot.decoder.decode(b"", final=True)
         end = len(slot.text) if final else len(slot.text) - _stop_hold(slot.text, request.stop)
         if end > slot.emitted:
-            request.events.put(("text", slot.text[slot.emitted : end]))
+            request.unsent.append(slot.text[slot.emitted : end])
             slot.emitted = end
+        if request.unsent:
+            now = time.monotonic()
+            if final or request.sent_at is None or now - request.sent_at >= self.text_interval:
+                request.events.put(("text", "".join(request.unsent)))
+                request.unsent.clear()
+                request.sent_at = now
 
     def _finish(self, slot: _Slot, reason: FinishReason) -> None:
         request = slot.request
