@@ -66,7 +66,8 @@ def submit(
     key = idempotency_key(job)
     claimed = False
     try:
-        client.ping()  # fail fast: Celery itself would retry for many seconds
+        # The first command below fails fast through `client` if Redis is down (Celery
+        # itself would retry for many seconds); the ledger entry precedes Celery's send.
         if key is not None:
             if not client.set(key, job.id, nx=True, ex=IDEMPOTENCY_TTL_S):
                 existing = cast(bytes | None, client.get(key))

@@ -32,8 +32,11 @@ def beat(client: redis.Redis, hostname: str) -> None:
 
 def served_models(client: redis.Redis) -> list[str]:
     """The models that live inference workers serve."""
-    live = set(live_workers(client))
-    models = cast(dict[bytes, bytes], client.hgetall(MODELS_KEY))
+    pipe = client.pipeline(transaction=False)  # one round trip: every job asks this
+    pipe.zrangebyscore(LIVE_KEY, time.time() - TTL_S, "+inf")
+    pipe.hgetall(MODELS_KEY)
+    names, models = cast(tuple[list[bytes], dict[bytes, bytes]], pipe.execute())
+    live = {n.decode() for n in names}
     return sorted({m.decode() for h, m in models.items() if h.decode() in live})
 
 

@@ -9,7 +9,8 @@ job: a Redis error while recording is logged at debug level and dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import cast
 
 import redis
@@ -20,6 +21,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from redis.client import Pipeline
 
 from workers.status import queue_depths
 
@@ -60,36 +62,52 @@ class Metrics:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._batch: Pipeline | None = None
+
+    @contextmanager
+    def batch(self) -> Iterator[Metrics]:
+        """Metrics whose writes reach Redis together, in one round trip, at the end."""
+        batched = Metrics(self.redis)
+        batched._batch = self.redis.pipeline()
+        yield batched
+        self._safely(batched._batch.execute)
 
     def count(self, name: str, labels: dict[str, str], amount: float = 1.0) -> None:
         """Add `amount` to a counter."""
-        self._safely(lambda: self.redis.hincrbyfloat(COUNTERS, _field(name, labels), amount))
+        self._write(lambda r: r.hincrbyfloat(COUNTERS, _field(name, labels), amount))
 
     def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
         """Set a gauge."""
-        self._safely(lambda: self.redis.hset(GAUGES, _field(name, labels), str(value)))
+        self._write(lambda r: r.hset(GAUGES, _field(name, labels), str(value)))
 
     def observe(
         self, name: str, labels: dict[str, str], value: float, buckets: Sequence[float]
     ) -> None:
         """Add one observation to a histogram."""
         key = f"{PREFIX}h:{_field(name, labels)}"
+        bucket = next((str(b) for b in buckets if value <= b), "+Inf")
 
-        def record() -> None:
-            bucket = next((str(b) for b in buckets if value <= b), "+Inf")
-            pipe = self.redis.pipeline()
+        def record(pipe: Pipeline) -> None:
             pipe.sadd(HISTOGRAMS, key)
             pipe.hincrby(key, bucket, 1)
             pipe.hincrbyfloat(key, "sum", value)
             pipe.hincrby(key, "count", 1)
             pipe.hset(key, "buckets", ",".join(str(b) for b in buckets))
-            pipe.execute()
 
-        self._safely(record)
+        self._write(record)
 
-    def _safely(self, action: object) -> None:
+    def _write(self, commands: Callable[[Pipeline], object]) -> None:
+        """Queue `commands` on the batch, or send them now in one transaction."""
+        if self._batch is not None:
+            commands(self._batch)
+            return
+        pipe = self.redis.pipeline()
+        commands(pipe)
+        self._safely(pipe.execute)
+
+    def _safely(self, action: Callable[[], object]) -> None:
         try:
-            action()  # type: ignore[operator]
+            action()
         except redis.RedisError as error:
             log.debug("metric not recorded: %s", error)
 

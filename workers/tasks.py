@@ -225,7 +225,12 @@ def _metrics() -> Metrics:
 
 
 def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
-    metrics, elapsed = _metrics(), time.monotonic() - timing.started
+    with _metrics().batch() as metrics:  # one round trip: the reply waits for it
+        _observe(metrics, job, reply, worker, timing)
+
+
+def _observe(metrics: Metrics, job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
+    elapsed = time.monotonic() - timing.started
     latency = (datetime.now(UTC) - job.created_at).total_seconds()
     metrics.observe("gpt4p_job_latency_seconds", {"channel": job.channel}, latency,
                     LATENCY_BUCKETS)  # fmt: skip
