@@ -3,7 +3,7 @@
 Measures, in one run:
 
 - tiny: median latency of a 1-token answer through /v1/chat/completions;
-- single: decode tokens/s of one 128-token answer (streamed: first token to last),
+- single: decode tokens/s of a 128-token answer (streamed: first token to last),
   also for llama-cpp-python called in-process, and time to first token;
 - cN: aggregate completion tokens/s with N concurrent 128-token requests, against
   ``llama-server --parallel N``;
@@ -12,10 +12,12 @@ Measures, in one run:
 
 GPT4People runs as a user runs it: its own Redis, one ``gpt4people worker``
 (batched, GPT4P_PARALLEL slots) and the web app. The anchor ``llama-server``
-is built by scripts/install-llama-server (once, cached). Ratios are what to
-read: these machines are noisy. Writes bench/results/llama.json.
+is built by scripts/install-llama-server (once, cached). The two servers take
+turns, `--rounds` times, the first one alternating (ABBA), and each row is the
+median of every sample. Ratios are what to read: these machines are noisy.
+Writes bench/results/llama.json (with every sample).
 
-    python -m bench.llama [--concurrency 1,4,16] [--tiny-n 20] [--rounds 3]
+    python -m bench.llama [--concurrency 1,4,16] [--tiny-n 20] [--streams 3] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -45,7 +48,13 @@ QUESTIONS = [
     "Write a long letter to a friend about a summer holiday.",
 ]
 ANSWER_TOKENS = 128
+T = TypeVar("T")
 N_CTX = 1024  # per conversation, for both servers
+# One client with kept-alive connections for every request, so what is timed is the
+# server, not a new TCP connection and client per request. Idle connections are let go
+# well before the servers' own keep-alive timeouts (5 s) could close one under a request.
+HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=128,
+                    max_keepalive_connections=128, keepalive_expiry=1.0))  # fmt: skip
 
 
 @dataclass
@@ -70,21 +79,38 @@ def _body(question: str, max_tokens: int, stream: bool) -> dict[str, object]:
             "ignore_eos": max_tokens > 1}  # fmt: skip
 
 
+def _once_more(measure: Callable[[], T], base: str) -> T:
+    """`measure`, again if the server dropped the kept-alive connection under it (as a
+    browser retries): said on stderr, so a server that drops requests is noticed."""
+    try:
+        return measure()
+    except httpx.RemoteProtocolError as error:
+        print(f"warning: {base} dropped a connection ({error}); measuring again", file=sys.stderr)
+        return measure()
+
+
 def _complete(base: str, question: str, max_tokens: int) -> tuple[float, int]:
     """One plain request: (seconds, completion tokens)."""
+    return _once_more(lambda: _complete_once(base, question, max_tokens), base)
+
+
+def _complete_once(base: str, question: str, max_tokens: int) -> tuple[float, int]:
     started = time.perf_counter()
-    response = httpx.post(f"{base}/v1/chat/completions", json=_body(question, max_tokens, False),
-                          timeout=600)  # fmt: skip
+    response = HTTP.post(f"{base}/v1/chat/completions", json=_body(question, max_tokens, False))
     response.raise_for_status()
     return time.perf_counter() - started, int(response.json()["usage"]["completion_tokens"])
 
 
 def _stream(base: str, question: str, max_tokens: int) -> Stream:
     """One streamed request; tokens counted from the final usage (or the chunks)."""
+    return _once_more(lambda: _stream_once(base, question, max_tokens), base)
+
+
+def _stream_once(base: str, question: str, max_tokens: int) -> Stream:
     started = time.perf_counter()
     first, chunks, usage = 0.0, 0, None
     body = dict(_body(question, max_tokens, True), stream_options={"include_usage": True})
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+    with HTTP.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -127,8 +153,29 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, timeout: f
     raise RuntimeError(f"{what} did not come up in {timeout:g}s")
 
 
+def same_prompt_template(path: Path) -> Path:
+    """A chat template that gives llama-server GPT4People's prompt for a one-question chat.
+
+    The bundled model has no chat template: GPT4People writes a transcript (system
+    prompt, one worked example) and llama-server would fall back to ChatML, a shorter
+    prompt. The same prompt tokens make the two do the same work.
+    """
+    from workers.contract import ChatMessage
+    from workers.prompt import render_transcript
+    from workers.settings import Settings
+
+    marker = "@@QUESTION@@"
+    text = render_transcript([ChatMessage(role="user", content=marker)],
+                             Settings().system_prompt).text  # fmt: skip
+    before, after = text.split(marker)
+    path.write_text("{{ bos_token }}" + before + "{{ messages[-1]['content'] | trim }}" + after)
+    return path
+
+
 @contextmanager
-def llama_server(binary: str, model: str, threads: int, parallel: int) -> Iterator[str]:
+def llama_server(
+    binary: str, model: str, threads: int, parallel: int, template: Path
+) -> Iterator[str]:
     """The anchor: llama.cpp's server with `parallel` slots of N_CTX tokens each."""
     from workers.redis_server import free_port
 
@@ -136,7 +183,8 @@ def llama_server(binary: str, model: str, threads: int, parallel: int) -> Iterat
     process = subprocess.Popen(
         [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
          "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * parallel),
-         "--parallel", str(parallel), "--no-webui", "--log-disable"],
+         "--parallel", str(parallel), "--no-webui", "--log-disable",
+         "--jinja", "--chat-template-file", str(template)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -171,20 +219,23 @@ def gpt4people(tmp: Path, threads: int, parallel: int) -> Iterator[tuple[str, st
                 stop_process(process)
 
 
-def in_process(model: str, threads: int) -> Stream:
-    """llama-cpp-python called directly: one streamed 128-token completion."""
+def in_process(model: str, threads: int, streams: int) -> list[float]:
+    """llama-cpp-python called directly: decode tokens/s of `streams` 128-token completions."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, verbose=False)
     prompt = f"User: {STORY}\nAssistant:"
     llm.create_completion(prompt, max_tokens=4, temperature=0.0)  # warm up
-    started = time.perf_counter()
-    first, tokens = 0.0, 0
-    for _ in llm.create_completion(prompt, max_tokens=ANSWER_TOKENS, temperature=0.0,
-                                   stream=True):  # fmt: skip
-        tokens += 1
-        first = first or time.perf_counter()
-    return Stream(started, first, time.perf_counter(), tokens)
+    rates = []
+    for _ in range(max(streams, 1)):
+        started = time.perf_counter()
+        first, tokens = 0.0, 0
+        for _ in llm.create_completion(prompt, max_tokens=ANSWER_TOKENS, temperature=0.0,
+                                       stream=True):  # fmt: skip
+            tokens += 1
+            first = first or time.perf_counter()
+        rates.append(Stream(started, first, time.perf_counter(), tokens).decode_rate)
+    return rates
 
 
 def queue_overhead(redis_url: str, n: int = 30) -> tuple[float, float]:
@@ -196,32 +247,34 @@ def queue_overhead(redis_url: str, n: int = 30) -> tuple[float, float]:
             _median_ms(_redis_round_trip(f"{redis_url}/1", n)))  # fmt: skip
 
 
-def _round(base: str, n: int, tiny_n: int, single: bool) -> dict[str, float]:
-    """One round on one server: cN, and tiny, single stream and TTFT when `single`."""
-    results: dict[str, float] = {}
-    if single:
-        results["tiny_ms"] = _tiny(base, tiny_n)
-        stream = _stream(base, STORY, ANSWER_TOKENS)
-        results["single_tps"] = stream.decode_rate
-        results["ttft_ms"] = (stream.first - stream.started) * 1000
-    results[f"c{n}_tps"] = _concurrent(base, n)
+def _round(base: str, n: int, tiny_n: int, streams: int) -> dict[str, list[float]]:
+    """One round on one server: cN, and tiny, `streams` single streams and TTFT when
+    `streams` > 0."""
+    results: dict[str, list[float]] = {}
+    if streams:
+        results["tiny_ms"] = [_tiny(base, tiny_n)]
+        for _ in range(streams):
+            stream = _stream(base, STORY, ANSWER_TOKENS)
+            results.setdefault("single_tps", []).append(stream.decode_rate)
+            results.setdefault("ttft_ms", []).append((stream.first - stream.started) * 1000)
+    results[f"c{n}_tps"] = [_concurrent(base, n)]
     return results
 
 
 def measure_pair(
-    ours: str, anchor: str, n: int, tiny_n: int, single: bool, rounds: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Both servers in turn, `rounds` times (drift on a noisy machine hits both): medians."""
+    ours: str, anchor: str, n: int, tiny_n: int, streams: int, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Both servers in turn, `rounds` times, the first one alternating (ABBA: drift on a
+    noisy machine hits both alike): every sample of every key."""
     for base in (ours, anchor):
         _complete(base, "warm up", 4)
-    samples: tuple[list[dict[str, float]], list[dict[str, float]]] = ([], [])
-    for _ in range(rounds):
-        for base, kept in zip((ours, anchor), samples, strict=True):
-            kept.append(_round(base, n, tiny_n, single))
-    ours_medians, anchor_medians = (
-        {key: statistics.median(r[key] for r in kept) for key in kept[0]} for kept in samples
-    )
-    return ours_medians, anchor_medians
+    samples: tuple[dict[str, list[float]], dict[str, list[float]]] = ({}, {})
+    for turn in range(rounds):
+        order = [(ours, samples[0]), (anchor, samples[1])]
+        for base, kept in order if turn % 2 == 0 else reversed(order):
+            for key, values in _round(base, n, tiny_n, streams).items():
+                kept.setdefault(key, []).extend(values)
+    return samples
 
 
 def main() -> None:
@@ -229,8 +282,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,4,16", help="N for the cN rows")
     parser.add_argument("--tiny-n", type=int, default=20, help="1-token requests to time")
+    parser.add_argument("--streams", type=int, default=3, help="single streams per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--rounds", type=int, default=3, help="turns per server (medians)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="turns per server, first one alternating (medians)")  # fmt: skip
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
 
@@ -241,48 +296,51 @@ def main() -> None:
     model = str(resolve_model_path(load_settings()))
     binary = subprocess.run([str(ROOT / "scripts" / "install-llama-server")], check=True,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
-    ours: dict[str, float] = {}
-    anchor: dict[str, float] = {}
+    ours: dict[str, list[float]] = {}
+    anchor: dict[str, list[float]] = {}
     # One GPT4People deployment (GPT4P_PARALLEL = the largest N) for every row, against
     # llama-server --parallel N for each N, as the issue's anchor; an idle server costs
     # nothing, so the two take turns.
     with tempfile.TemporaryDirectory() as tmp, \
             gpt4people(Path(tmp), args.threads, max(levels)) as (base, redis_url):  # fmt: skip
+        print(f"GPT4People at {base}", file=sys.stderr)
+        template = same_prompt_template(Path(tmp) / "transcript.jinja")
         for n in levels:
-            with llama_server(binary, model, args.threads, n) as anchor_base:
-                pair = measure_pair(base, anchor_base, n, args.tiny_n, n == min(levels),
-                                    args.rounds)  # fmt: skip
+            with llama_server(binary, model, args.threads, n, template) as anchor_base:
+                streams = args.streams if n == min(levels) else 0
+                pair = measure_pair(base, anchor_base, n, args.tiny_n, streams, args.rounds)
             ours.update(pair[0])
             anchor.update(pair[1])
-        ours["echo_job_ms"], anchor["redis_rtt_ms"] = queue_overhead(redis_url)
-    direct = in_process(model, args.threads)
+        echo_ms, rtt_ms = queue_overhead(redis_url)
+    direct = in_process(model, args.threads, args.streams)
+    median = statistics.median
 
-    rows = [("tiny (1-token answer), ms", "tiny_ms", "lower"),
-            ("time to first token, ms", "ttft_ms", "lower"),
-            ("single stream, tokens/s", "single_tps", "higher")]  # fmt: skip
-    rows += [(f"c{n} aggregate, tokens/s", f"c{n}_tps", "higher") for n in levels]
+    rows = [("tiny (1-token answer), ms", "tiny_ms"), ("time to first token, ms", "ttft_ms"),
+            ("single stream, tokens/s", "single_tps")]  # fmt: skip
+    rows += [(f"c{n} aggregate, tokens/s", f"c{n}_tps") for n in levels]
     print(f"\n{'measure':<30}{'GPT4People':>12}{'llama-server':>14}{'ratio':>8}")
-    table = {}
-    for label, key, _better in rows:
-        ratio = ours[key] / anchor[key] if anchor[key] else float("nan")
-        table[key] = {"gpt4people": ours[key], "llama_server": anchor[key], "ratio": ratio}
-        print(f"{label:<30}{ours[key]:>12.1f}{anchor[key]:>14.1f}{ratio:>8.2f}")
-    direct_ratio = ours["single_tps"] / direct.decode_rate
-    print(f"{'single, vs llama-cpp-python':<30}{ours['single_tps']:>12.1f}"
-          f"{direct.decode_rate:>14.1f}{direct_ratio:>8.2f}  (in-process)")  # fmt: skip
-    overhead = ours["echo_job_ms"] / anchor["redis_rtt_ms"]
-    print(f"{'queue: echo job vs Redis RTT':<30}{ours['echo_job_ms']:>12.2f}"
-          f"{anchor['redis_rtt_ms']:>14.2f}{overhead:>8.1f}  (ms)")  # fmt: skip
-    table["single_vs_llama_cpp_python"] = {"gpt4people": ours["single_tps"],
-                                           "llama_cpp_python": direct.decode_rate,
-                                           "ratio": direct_ratio}  # fmt: skip
-    table["queue_overhead"] = {"echo_job_ms": ours["echo_job_ms"], "ratio": overhead,
-                               "redis_rtt_ms": anchor["redis_rtt_ms"]}  # fmt: skip
+    table: dict[str, dict[str, object]] = {}
+    for label, key in rows:
+        a, b = median(ours[key]), median(anchor[key])
+        ratio = a / b if b else float("nan")
+        samples = {"gpt4people": ours[key], "llama_server": anchor[key]}
+        table[key] = {"gpt4people": a, "llama_server": b, "ratio": ratio, "samples": samples}
+        print(f"{label:<30}{a:>12.1f}{b:>14.1f}{ratio:>8.2f}")
+    single, direct_rate = median(ours["single_tps"]), median(direct)
+    print(f"{'single, vs llama-cpp-python':<30}{single:>12.1f}"
+          f"{direct_rate:>14.1f}{single / direct_rate:>8.2f}  (in-process)")  # fmt: skip
+    print(f"{'queue: echo job vs Redis RTT':<30}{echo_ms:>12.2f}"
+          f"{rtt_ms:>14.2f}{echo_ms / rtt_ms:>8.1f}  (ms)")  # fmt: skip
+    table["single_vs_llama_cpp_python"] = {"gpt4people": single, "llama_cpp_python": direct_rate,
+                                           "ratio": single / direct_rate,
+                                           "samples": {"llama_cpp_python": direct}}  # fmt: skip
+    table["queue_overhead"] = {"echo_job_ms": echo_ms, "redis_rtt_ms": rtt_ms,
+                               "ratio": echo_ms / rtt_ms}  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "llama.json").write_text(
-        json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": table}, indent=2)
-    )
+    (out / "llama.json").write_text(json.dumps(
+        {"threads": args.threads, "rounds": args.rounds, "streams": args.streams, "rows": table},
+        indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
