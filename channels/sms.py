@@ -21,10 +21,9 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
 from channels.base import InvalidInboundError
-from channels.sms_delivery import enqueue_delivery
 from channels.sms_state import SmsState, number_id
 from channels.spool import InboundSpool
-from workers.client import submit
+from workers.client import enqueue_delivery, submit
 from workers.contract import ChatMessage, GenerationOptions, Job, MediaRef, Reply
 from workers.redis_server import RedisUnavailableError
 from workers.settings import Settings

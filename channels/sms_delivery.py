@@ -26,9 +26,8 @@ from twilio.rest import Client
 
 from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
-from workers import ledger
 from workers.app import app, broker_redis
-from workers.contract import ChatMessage, Reply, delivery_queue, delivery_task
+from workers.contract import ChatMessage, Reply, delivery_task
 from workers.logs import bind_job
 from workers.metrics import Metrics
 from workers.settings import Settings, get_settings
@@ -198,12 +197,3 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
     log.info("reply %s sent to %s in %d part(s)", reply.job_id, who, sent)
     Metrics(state.redis).count("gpt4p_deliveries", {"channel": "sms"})
     return {"sent": sent, "status": "delivered"}
-
-
-def enqueue_delivery(celery: Any, client: Any, reply: Reply) -> None:
-    """Put `reply` on the SMS delivery queue (ledgered, so a Redis crash cannot lose it).
-
-    `client` is a Redis client of the broker's server."""
-    ledger.send(celery, client, delivery_task("sms"), [reply.model_dump(mode="json")],
-                delivery_queue("sms"), task_id=f"{reply.job_id}.deliver",
-                argsrepr=f"<reply to job {reply.job_id} via sms>")  # fmt: skip

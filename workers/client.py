@@ -21,7 +21,14 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from workers import ledger
-from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, Job, Reply
+from workers.contract import (
+    INFERENCE_QUEUE,
+    INFERENCE_TASK,
+    Job,
+    Reply,
+    delivery_queue,
+    delivery_task,
+)
 from workers.metrics import Metrics
 from workers.privacy import job_summary
 from workers.redis_server import RedisUnavailableError, redact_url
@@ -90,6 +97,16 @@ def submit(
         if own_client:
             client.close()
     return job.id
+
+
+def enqueue_delivery(app: Celery, client: redis.Redis, reply: Reply) -> None:
+    """Hand `reply` to its channel's delivery queue, ledgered like a job (a Redis crash
+    cannot lose it); the fixed id makes a re-run hand off the same delivery.
+
+    `client` is a Redis client of the broker's server."""
+    ledger.send(app, client, delivery_task(reply.channel), [reply.model_dump(mode="json")],
+                delivery_queue(reply.channel), task_id=f"{reply.job_id}.deliver",
+                argsrepr=f"<reply to job {reply.job_id} via {reply.channel}>")  # fmt: skip
 
 
 def _claimed_but_never_queued(client: redis.Redis, job: Job, key: str, existing: str) -> bool:

@@ -22,16 +22,14 @@ from celery.signals import (
 )
 
 from helpers.registry import HelperRegistry
-from workers import ledger
 from workers.app import app, broker_redis
+from workers.client import enqueue_delivery
 from workers.contract import (
     DELIVERED_CHANNELS,
     INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
     Reply,
-    delivery_queue,
-    delivery_task,
 )
 from workers.core import answer
 from workers.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
@@ -267,8 +265,5 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     result = reply.model_dump(mode="json")
     if job.channel in DELIVERED_CHANNELS:
         # The channel answers later: hand the reply to its delivery queue.
-        # Ledgered like the job itself; a fixed id makes a re-run hand off the same delivery.
-        ledger.send(self.app, broker_redis(), delivery_task(job.channel), [result],
-                    delivery_queue(job.channel), task_id=f"{job.id}.deliver",
-                    argsrepr=f"<reply to job {job.id} via {job.channel}>")  # fmt: skip
+        enqueue_delivery(self.app, broker_redis(), reply)
     return result

@@ -60,7 +60,7 @@ def create_engine(settings: Settings) -> Engine:
         from workers.engines.scripted import ScriptedEngine
 
         return ScriptedEngine()
-    if settings.parallel > 1:
+    if batches(settings):
         from workers.engines.batched import BatchedLlamaEngine
 
         return BatchedLlamaEngine.load(settings)
