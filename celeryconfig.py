@@ -61,8 +61,13 @@ result_extended = True
 worker_pool_restarts = True
 # Loading a model in a fresh pool process takes longer than Celery's 4 s default.
 worker_proc_alive_timeout = 180.0
-# Keep trying to reach Redis at start-up and after outages instead of exiting.
+# Keep trying to reach Redis at start-up and after outages instead of exiting, for as
+# long as the outage lasts (Celery's default gives up after 100 tries).
 broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+# Kombu's cleanup of a lost Redis connection can raise and end the worker
+# (celery/kombu#970): this consumer finishes it and reconnects instead.
+worker_consumer = "workers.consumer:SelfHealingConsumer"
 broker_connection_timeout = 5.0
 redis_socket_connect_timeout = 5.0
 redis_socket_timeout = 30.0

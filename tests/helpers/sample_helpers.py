@@ -21,3 +21,10 @@ def slow(request: HelperRequest) -> HelperResult:
 @helper("ghost", "Registers, then dies.")
 def ghost(request: HelperRequest) -> HelperResult:
     return HelperResult(text="boo")
+
+
+@helper("nap", "Sleeps the seconds it is given (at most 20), then says so.", time_limit=25)
+def nap(request: HelperRequest) -> HelperResult:
+    seconds = min(20.0, max(0.0, float(request.text or "0")))
+    time.sleep(seconds)
+    return HelperResult(text=f"slept {seconds:g}s")

@@ -23,6 +23,7 @@ from twilio.request_validator import RequestValidator
 
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
+from tests.reliability.whereabouts import Witness
 from workers.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.model
@@ -46,10 +47,16 @@ def chaos_env(server: RedisServer, state: Path, twilio: TwilioRecorder) -> dict[
     )  # fmt: skip
 
 
-def text(base: str, twilio: TwilioRecorder, sender: str, body: str) -> int:
-    params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": twilio.account_sid,
+def text(
+    base: str, twilio: TwilioRecorder, sender: str, body: str, witness: Witness | None = None
+) -> int:
+    """Text `body` from `sender` as Twilio would; track its job with `witness`."""
+    sid = "SM" + uuid.uuid4().hex
+    params = {"MessageSid": sid, "AccountSid": twilio.account_sid,
               "From": sender, "To": "+15550000000", "Body": body, "NumMedia": "0"}  # fmt: skip
     signature = RequestValidator(twilio.auth_token).compute_signature(f"{base}/sms", params)
+    if witness is not None:
+        witness.track(f"sms-{sid}", sender)
     response = httpx.post(f"{base}/sms", data=params, headers={"X-Twilio-Signature": signature})
     return response.status_code
 
@@ -164,53 +171,50 @@ def test_redis_killed_while_texts_arrive_loses_none_and_repeats_none(
     web = start_web(env, port)
     base = f"http://127.0.0.1:{port}"
     statuses: list[int] = []
+    client = redis.Redis.from_url(chaos_redis.url, socket_timeout=5)
+    witness = Witness(client, tmp_path, {**workers, "web": web},
+                      lambda number: len(twilio.delivered(number)))  # fmt: skip
 
     def keep_texting() -> None:  # a steady stream, whatever happens to Redis
         for number in numbers:
-            statuses.append(text(base, twilio, number, f"hello from {number}"))
+            statuses.append(text(base, twilio, number, f"hello from {number}", witness))
 
     sender = threading.Thread(target=keep_texting)
+    recovery = 0.0
     try:
         sender.start()
         # The crash lands wherever the stream is: mid-pop, mid-job, mid-delivery.
-        wait_for(lambda: len(statuses) >= 12, 60, "the first texts to arrive")
+        witness.wait(lambda: len(statuses) >= 12, 60, "the first texts to arrive")
+        witness.mark()
         assert chaos_redis.process is not None
         chaos_redis.process.kill()  # a crash: no shutdown, only the append-only file remains
         chaos_redis.process.wait(10)
-        wait_for(lambda: len(statuses) >= 24, 60, "texts during the outage (spooled)")
+        witness.event(f"Redis killed after {len(statuses)} texts")
+        killed_at = time.monotonic()
+        witness.wait(lambda: len(statuses) >= 24, 60, "texts during the outage (spooled)")
         restarted = RedisServer(chaos_redis.data_dir, port=chaos_redis.port).start()
         chaos_redis.process = restarted.process
+        witness.event(f"Redis restarted after {len(statuses)} texts")
         sender.join(60)
         assert statuses == [200] * len(numbers)  # Twilio always got its normal answer
-        restarts = 0
-
-        def supervise_until_answered() -> bool:
-            # A worker's consumer may exit when Redis vanishes (kombu's Redis transport
-            # fails closing its old channel, celery/kombu#970); like `up` and Compose's
-            # restart policy, start a fresh one. Its jobs are safe in Redis.
-            nonlocal restarts
-            for name, command in (("echo", "worker"), ("deliver", "deliver")):
-                if workers[name].poll() is not None:
-                    restarts += 1
-                    workers[name] = start_worker(env, f"{name}-{restarts}@test", command=command)
-            return answered(twilio, numbers) == len(numbers)
-
-        wait_for(supervise_until_answered, 120, "every accepted text to be answered")
-        client = redis.Redis.from_url(chaos_redis.url)
+        # No supervisor: each worker reconnects by itself (workers/consumer.py).
+        witness.wait(lambda: answered(twilio, numbers) == len(numbers), 120,
+                     "every accepted text to be answered")  # fmt: skip
+        recovery = time.monotonic() - killed_at
 
         def drained() -> bool:
             queued = client.llen("inference") + client.llen("deliver.sms")
             return queued + client.hlen("gpt4p:ledger") == 0
 
-        wait_for(drained, 60, "the queues and the ledger to drain")
-        client.close()
+        witness.wait(drained, 60, "the queues and the ledger to drain")
     finally:
         sender.join(60)
+        client.close()
         for process in (web, *workers.values()):
             stop_process(process)
     counts = [len(twilio.delivered(n)) for n in numbers]
     print(f"\nredis crash: {len(numbers)} SMS, answers={sum(counts)}, "
           f"duplicates={sum(c - 1 for c in counts if c > 1)}, "
-          f"workers restarted={restarts}")  # fmt: skip
-    assert counts == [1] * len(numbers)
+          f"all answered {recovery:.1f}s after the kill")  # fmt: skip
+    assert counts == [1] * len(numbers), witness.report()
     assert twilio.delivered(numbers[-1]) == [f"hello from {numbers[-1]}"]

@@ -1,0 +1,139 @@
+"""Workers heal themselves: no supervisor, Redis killed and restarted three times in a row.
+
+A `gpt4people worker` (the batched model engine, a threads pool), a
+`gpt4people deliver` and a `gpt4people helper` run on their own, each holding
+work when Redis dies (a long generation, a send Twilio does not answer, a
+helper call that takes seconds): the case in which kombu's cleanup of the lost
+connection used to end the whole worker (celery/kombu#970). Each must come
+back by itself, as the same process, and consume again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.channels.twilio_recorder import TwilioRecorder
+from tests.conftest import ROOT, base_env, start_worker, stop_process, wait_for
+from tests.reliability.whereabouts import Witness
+from workers.app import celery_for
+from workers.client import enqueue_delivery, submit, wait_for_reply
+from workers.contract import ChatMessage, GenerationOptions, Job, Reply, helper_queue, helper_task
+from workers.redis_server import RedisServer
+from workers.settings import Settings
+
+pytestmark = pytest.mark.model
+
+ROUNDS = 3
+HOSTNAMES = ["heal-worker@test", "heal-deliver@test", "heal-nap@test"]
+
+
+@pytest.fixture
+def outage_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def start_helper(env: dict[str, str], hostname: str) -> subprocess.Popen[bytes]:
+    log = open(Path(env["GPT4P_STATE_DIR"]) / f"{hostname}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "helper", "tests.helpers.sample_helpers:nap",
+         "--hostname", hostname, "--concurrency", "1"],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    return process
+
+
+def job(text: str, max_tokens: int) -> Job:
+    return Job(channel="cli", user="tester", reply_to="cli",
+               messages=[ChatMessage(role="user", content=text)],
+               options=GenerationOptions(max_tokens=max_tokens, temperature=0.0))  # fmt: skip
+
+
+def sms_reply(job_id: str, number: str, text: str) -> Reply:
+    return Reply(job_id=job_id, channel="sms", reply_to=number, reply_from="+15550000000",
+                 text=text, model="none", engine="keyword")  # fmt: skip
+
+
+def nap(app: Celery, seconds: float) -> str:
+    result = app.send_task(helper_task("nap"), args=[{"text": str(seconds)}],
+                           queue=helper_queue("nap"))  # fmt: skip
+    return str(result.id)
+
+
+def test_standalone_workers_survive_three_redis_crashes_without_a_restart(
+    outage_redis: RedisServer, tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    env = base_env(
+        tmp_path, redis_url=outage_redis.url, engine="llama", n_ctx="512", parallel="4",
+        twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
+        twilio_from="+15550000000", twilio_api_base=twilio.url, twilio_timeout="4",
+        sms_retry_backoff="0.2", worker_heartbeat_ttl="3",
+    )  # fmt: skip
+    processes = {
+        "worker": start_worker(env, HOSTNAMES[0], timeout=180),
+        "deliver": start_worker(env, HOSTNAMES[1], command="deliver"),
+    }
+    processes["helper"] = start_helper(env, HOSTNAMES[2])
+    pids = {name: p.pid for name, p in processes.items()}
+    app = celery_for(Settings(redis_url=outage_redis.url))
+    client = redis.Redis.from_url(outage_redis.url, socket_timeout=5)
+    witness = Witness(client, tmp_path, processes, lambda n: len(twilio.delivered(n)))
+    server = outage_redis
+    try:
+        wait_for(lambda: witness.helper_registered("nap"), 60, "the nap helper to register")
+        for round_ in range(1, ROUNDS + 1):
+            # Work in each worker's hands when Redis dies: a long answer, a send Twilio
+            # accepts but never answers, a helper call of several seconds.
+            long = job(f"Write a long story about the number {round_}.", 400)
+            submit(app, long, client=client)
+            stuck = f"+1699000000{round_}"
+            twilio.hang_after_accept.add(stuck)
+            enqueue_delivery(app, client, sms_reply(f"heal-hang-{round_}", stuck, "in flight"))
+            witness.track(long.id, "-")
+            witness.track(f"heal-hang-{round_}", stuck)
+            nap(app, 8)
+            witness.wait(lambda: client.hlen("unacked") >= 3, 60,
+                         f"round {round_}: every worker to hold its work")  # fmt: skip
+            witness.mark()
+            assert server.process is not None
+            server.process.kill()  # a crash: the append-only file is all that remains
+            server.process.wait(10)
+            witness.event(f"round {round_}: Redis killed")
+            witness.wait(lambda: witness.logged_since_mark(HOSTNAMES, "Connection to broker lost"),
+                         60, f"round {round_}: every worker to notice")  # fmt: skip
+            server = RedisServer(outage_redis.data_dir, port=outage_redis.port).start()
+            outage_redis.process = server.process
+            witness.event(f"round {round_}: Redis restarted")
+            # Each consumes again, as the same process, with no supervisor.
+            answered = job(f"Say hello, round {round_}.", 8)
+            submit(app, answered, client=client)
+            number = f"+1699100000{round_}"
+            enqueue_delivery(app, client, sms_reply(f"heal-new-{round_}", number, "after"))
+            witness.track(answered.id, "-")
+            witness.track(f"heal-new-{round_}", number)
+            napped = app.AsyncResult(nap(app, 0))
+            witness.wait(lambda a=answered: app.AsyncResult(a.id).ready(), 120,
+                         f"round {round_}: the worker to answer a new job")  # fmt: skip
+            witness.wait(lambda n=number: twilio.delivered(n) == ["after"], 120,
+                         f"round {round_}: the new SMS to be delivered")  # fmt: skip
+            witness.wait(napped.ready, 120, f"round {round_}: the helper to answer a new call")
+            assert wait_for_reply(app, answered.id, 1).text.strip()
+            assert napped.get(timeout=1)["text"] == "slept 0s"
+            assert {name: p.poll() for name, p in processes.items()} == dict.fromkeys(pids)
+    finally:
+        twilio.release.set()
+        app.close()
+        for process in processes.values():
+            stop_process(process)
+    assert {name: p.pid for name, p in processes.items()} == pids
+    # The hung sends were delivered once each, never twice.
+    for round_ in range(1, ROUNDS + 1):
+        assert len(twilio.delivered(f"+1699000000{round_}")) <= 1
