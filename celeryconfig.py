@@ -13,6 +13,7 @@ from workers.contract import (
     delivery_queue,
     delivery_task,
 )
+from workers.redis_client import celery_transport_options
 from workers.redis_server import resolve_redis_url
 from workers.settings import get_settings
 
@@ -51,8 +52,15 @@ task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
 # Redis redelivers an unacknowledged job after this many seconds; it must be
 # longer than the longest task, or a slow answer would be generated twice.
-broker_transport_options = {"visibility_timeout": max(3600, 2 * _settings.task_time_limit)}
-result_backend_transport_options = {"visibility_timeout": max(3600, 2 * _settings.task_time_limit)}
+# With a sentinel:// URL both also get the primary's name and the Sentinels' password.
+broker_transport_options = {
+    "visibility_timeout": max(3600, 2 * _settings.task_time_limit),
+    **celery_transport_options(broker_url, _settings),
+}
+result_backend_transport_options = {
+    "visibility_timeout": max(3600, 2 * _settings.task_time_limit),
+    **celery_transport_options(broker_url, _settings),
+}
 # Results are read once by the channel that waits for them; keep them for a day at most.
 result_expires = 24 * 3600
 result_extended = True

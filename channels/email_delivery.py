@@ -27,6 +27,7 @@ from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_task
 from workers.logs import bind_job
 from workers.metrics import Metrics
+from workers.replication import make_durable
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
         if state != b"sending":
             return {"status": "already sent"}
         raise self.retry(countdown=_backoff(settings, self.request.retries))
+    make_durable(client, settings)  # the claim survives a failover before the send
     message = compose_reply(reply, settings)
     try:
         send_smtp(message, settings)

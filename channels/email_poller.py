@@ -23,6 +23,7 @@ from imap_tools.errors import MailboxLoginError, UnexpectedCommandStatusError
 from channels.email import EmailChannel, digest
 from channels.email_parse import UnreadableMailError, read_mail, skip_reason
 from workers.redis_server import RedisUnavailableError
+from workers.replication import make_durable
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class MailboxPoller:
             return
         reason = skip_reason(mail, self.settings)
         outcome = f"not answered: {reason}" if reason else self.channel.receive(inbound)
+        make_durable(self.redis, self.settings)  # flagged only once a replica has the job
         log.info("mail %s from %s: %s", uid, digest(inbound.sender), outcome)
         box.flag(uid, HANDLED, True)
         self._move(box, uid, self.settings.imap_processed_folder)

@@ -25,7 +25,9 @@ from channels.sms_state import SmsState, number_id
 from channels.spool import InboundSpool
 from workers.client import enqueue_delivery, submit
 from workers.contract import ChatMessage, GenerationOptions, Job, MediaRef, Reply
+from workers.redis_client import redis_client
 from workers.redis_server import RedisUnavailableError
+from workers.replication import make_durable
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,13 @@ class SmsChannel:
         state.remember(number, job.messages[-1])
         return f"queued job {job.id}"
 
+    def receive_durably(self, inbound: SmsInbound, replay: bool = False) -> str:
+        """`receive`, returning only once Redis replicas have what it wrote (when there are
+        replicas), so that Twilio's 200 or the spool's forgetting survives a failover."""
+        outcome = self.receive(inbound, replay)
+        make_durable(self.state.redis, self.settings)
+        return outcome
+
 
 router = APIRouter()
 EMPTY_TWIML = str(MessagingResponse())
@@ -222,7 +231,7 @@ async def sms_webhook(
         return Response(str(error), status_code=400, media_type="text/plain")
     channel = SmsChannel(settings, SmsState(state.sync_redis, settings), state.celery)
     try:
-        outcome = await asyncio.to_thread(channel.receive, inbound)
+        outcome = await asyncio.to_thread(channel.receive_durably, inbound)
     except (RedisUnavailableError, redis.RedisError) as error:
         try:
             await asyncio.to_thread(state.spool.put, "sms", form)
@@ -245,7 +254,7 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
         if kind != "sms":
             continue
         try:
-            outcome = channel.receive(SmsInbound.from_form(form), replay=True)
+            outcome = channel.receive_durably(SmsInbound.from_form(form), replay=True)
         except (RedisUnavailableError, redis.RedisError):
             break
         except InvalidInboundError:
@@ -258,4 +267,4 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
 
 def sync_redis_for(url: str) -> Any:
     """A thread-safe Redis client for the webhook's work."""
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return redis_client(url, socket_timeout=5, socket_connect_timeout=5)

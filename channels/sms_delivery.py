@@ -30,6 +30,7 @@ from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_task
 from workers.logs import bind_job
 from workers.metrics import Metrics
+from workers.replication import make_durable
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: i
                 state.record_part(reply.job_id, index, existing)
                 continue
             state.reclaim_part(reply.job_id, index)
+        # The claim must survive a failover before the send, which cannot be undone.
+        make_durable(state.redis, state.settings)
         try:
             sid = sender.send(reply.reply_to, reply.reply_from, body)
         except AmbiguousSendError:

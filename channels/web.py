@@ -28,6 +28,7 @@ from channels.spool import InboundSpool
 from workers.app import celery_for
 from workers.liveness import live_workers
 from workers.metrics import RedisCollector
+from workers.redis_client import async_redis_client
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
@@ -66,8 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = resolve_redis_url(settings)
-        app.state.redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=5, health_check_interval=30
+        app.state.redis = async_redis_client(
+            url, settings, socket_connect_timeout=5, health_check_interval=30
         )
         app.state.sync_redis = sync_redis_for(url)
         app.state.spool = InboundSpool(settings.state_dir / "spool.sqlite3")

@@ -21,9 +21,10 @@ from typing import TypeVar
 import httpx
 import pytest
 import redis
-from celery import Celery
 
+from workers.app import celery_for
 from workers.redis_server import RedisServer, free_port
+from workers.settings import Settings
 
 T = TypeVar("T")
 # In-process apps and settings of the test session write their state (the SMS spool,
@@ -101,10 +102,15 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> Non
     process.wait(5)
 
 
-def ping_worker(url: str, hostname: str) -> bool:
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings a child process started with `env` reads."""
+    prefix = "GPT4P_"
+    return Settings(**{k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)})
+
+
+def ping_worker(url: str, hostname: str, settings: Settings | None = None) -> bool:
     """Whether the Celery worker `hostname` answers a ping on the broker at `url`."""
-    app = Celery(broker=url, backend=url)
-    app.conf.update(accept_content=["json"], task_serializer="json", result_serializer="json")
+    app = celery_for(settings or Settings(redis_url=url))
     try:
         return bool(app.control.ping(destination=[hostname], timeout=1.0))
     finally:
@@ -123,7 +129,7 @@ def start_worker(
 
     def ready() -> bool:
         assert process.poll() is None, f"worker {hostname} exited; see {log.name}"
-        return ping_worker(env["GPT4P_REDIS_URL"], hostname)
+        return ping_worker(env["GPT4P_REDIS_URL"], hostname, settings_of(env))
 
     try:
         wait_for(ready, timeout, f"worker {hostname} to answer pings", every=0.5)

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from tests.conftest import ROOT
+from workers.redis_urls import parse_sentinel_url
+from workers.settings import Settings
 
 
 def compose() -> dict[str, Any]:
@@ -39,7 +41,8 @@ def test_every_app_service_reaches_the_same_password_protected_redis() -> None:
     services = compose()["services"]
     for name in ("worker-gpu0", "worker-cpu", "deliver", "email", "web", "flower"):
         url = services[name]["environment"]["GPT4P_REDIS_URL"]
-        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url), name
+        assert re.fullmatch(r"\$\{REDIS_SCHEME:-redis\}://:\$\{REDIS_PASSWORD:\?[^}]+\}"
+                            r"@\$\{REDIS_HOSTS:-redis:6379\}/0", url), name  # fmt: skip
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services[name]["build"]["context"] == "."
 
@@ -107,3 +110,23 @@ def test_docker_compose_refuses_to_start_without_passwords() -> None:
     done = compose_config()
     assert done.returncode != 0
     assert "REDIS_PASSWORD" in done.stderr
+
+
+def test_the_ha_profile_adds_a_replica_and_three_sentinels_that_every_service_can_use() -> None:
+    services = compose()["services"]
+    ha = {name for name, service in services.items() if "ha" in service.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert "--replicaof redis 6379" in services["redis-replica"]["command"]
+    assert "--masterauth" in services["redis"]["command"]  # it rejoins as a replica
+    script = services["sentinel-1"]["command"][-1]
+    assert "sentinel monitor mymaster redis 6379 2" in script  # a quorum of two of three
+    sentinel_hosts = "sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
+    done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="pw2", REDIS_SCHEME="sentinel",
+                          REDIS_HOSTS=sentinel_hosts)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    environment = yaml.safe_load(done.stdout)["services"]["web"]["environment"]
+    password = environment["GPT4P_REDIS_SENTINEL_PASSWORD"]
+    settings = Settings(redis_url=environment["GPT4P_REDIS_URL"], redis_sentinel_password=password)
+    target = parse_sentinel_url(settings.redis_url or "")
+    assert target.sentinels == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    assert (target.password, settings.redis_master_name) == ("pw", "mymaster")

@@ -11,6 +11,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger
 
 from workers import privacy as _privacy  # noqa: F401  (keeps replies out of task logs)
 from workers.logs import configure_handler
+from workers.redis_client import celery_transport_options, redis_client
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
@@ -33,8 +34,7 @@ def broker_redis() -> redis.Redis:
     One thread-safe connection pool per process (redis-py resets it after a fork),
     shared by heartbeats, recovery, metrics, streaming and deliveries.
     """
-    return redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=10,
-                                socket_connect_timeout=5)  # fmt: skip
+    return redis_client(str(app.conf.broker_url), socket_timeout=10, socket_connect_timeout=5)
 
 
 def celery_for(settings: Settings) -> Celery:
@@ -42,13 +42,16 @@ def celery_for(settings: Settings) -> Celery:
     client = Celery("gpt4people", set_as_current=False)
     client.config_from_object("celeryconfig")
     url = resolve_redis_url(settings)
+    sentinel = celery_transport_options(url, settings)
     client.conf.update(
         broker_url=url,
         result_backend=url,
+        broker_transport_options={**client.conf.broker_transport_options, **sentinel},
         # A channel waiting on Redis must answer its caller quickly (503), not retry
         # for the 20 s a worker storing a result is allowed.
         result_backend_transport_options={
             **client.conf.result_backend_transport_options,
+            **sentinel,
             "retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         },
     )

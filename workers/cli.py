@@ -218,9 +218,8 @@ def _cmd_helper(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_helpers(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
     from helpers.registry import HelperRegistry
+    from workers.redis_client import redis_client
     from workers.redis_server import RedisUnavailableError, ping, resolve_redis_url
 
     url = resolve_redis_url(settings)
@@ -228,7 +227,7 @@ def _cmd_helpers(args: argparse.Namespace, settings: Settings) -> int:
         ping(url, timeout=3)
     except RedisUnavailableError as error:
         raise CliError(str(error), EXIT_REDIS) from None
-    with redis.Redis.from_url(url, socket_timeout=5) as client:
+    with redis_client(url, settings, socket_timeout=5) as client:
         helpers = HelperRegistry(client, ttl=settings.helper_ttl).all()
     if args.json:
         print(json.dumps([{**h.__dict__, "live": h.live} for h in helpers], indent=2))

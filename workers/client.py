@@ -31,7 +31,9 @@ from workers.contract import (
 )
 from workers.metrics import Metrics
 from workers.privacy import job_summary
-from workers.redis_server import RedisUnavailableError, redact_url
+from workers.redis_client import redis_client
+from workers.redis_server import RedisUnavailableError
+from workers.redis_urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def submit(
     url = str(app.conf.broker_url)
     own_client = client is None
     if client is None:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client = redis_client(url, socket_connect_timeout=5, socket_timeout=5)
     key = idempotency_key(job)
     claimed = False
     try:

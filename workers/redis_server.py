@@ -16,10 +16,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
 
+from workers.redis_client import redis_client
+from workers.redis_urls import redact_url
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def ping(url: str, timeout: float = 2.0) -> None:
     """Raise `RedisUnavailableError` unless the Redis at `url` answers PING within `timeout`."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as error:
@@ -66,16 +69,6 @@ def ping(url: str, timeout: float = 2.0) -> None:
         ) from None
     finally:
         client.close()
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0] if ":" in credentials else ""
-    return f"{scheme}://{user}:***@{host}"
 
 
 class RedisServer:
@@ -87,10 +80,14 @@ class RedisServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         appendfsync: str = "always",
+        password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
+        self.extra_args = list(extra_args)  # more redis-server options, e.g. --replicaof
         # "always": an accepted job survives even a crash of Redis itself, at the cost of
         # one fsync per write, which is nothing next to a model's answer.
         self.appendfsync = appendfsync
@@ -99,7 +96,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         """The URL clients use, database 0."""
-        return f"redis://{self.host}:{self.port}/0"
+        login = f":{self.password}@" if self.password else ""
+        return f"redis://{login}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
@@ -114,6 +112,9 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
+            *(["--requirepass", self.password, "--masterauth", self.password]
+              if self.password else []),
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.redis_urls import check_redis_url
+
 ENV_PREFIX = "GPT4P_"
 GGUF_MAGIC = b"GGUF"
 
@@ -47,8 +49,31 @@ class Settings(BaseSettings):
     # --- Redis and Celery -------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="Broker and result store, e.g. redis://:pw@host:6379/0 or rediss://...; "
-        "unset: the Redis that `gpt4people up` started, else redis://127.0.0.1:6379/0.",
+        description="Broker and result store, e.g. redis://:pw@host:6379/0 or rediss://..., or "
+        "Sentinels: sentinel://:pw@h1:26379;sentinel://:pw@h2:26379/0; unset: the Redis that "
+        "`gpt4people up` started, else redis://127.0.0.1:6379/0.",
+    )
+    redis_master_name: str = Field(
+        "mymaster",
+        min_length=1,
+        max_length=200,
+        description="With a sentinel:// URL: the name under which the Sentinels watch the primary.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="With a sentinel:// URL: the Sentinels' own password, if they have one."
+    )
+    redis_wait_replicas: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Replicas that must have an accepted message before its channel "
+        "acknowledges it (Redis WAIT; at most as many as are connected). 0: never wait.",
+    )
+    redis_wait_timeout: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Seconds to wait for those replicas; then the message is accepted anyway.",
     )
     state_dir: Path = Field(
         default_factory=_default_state_dir,
@@ -251,9 +276,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value or None
+        return check_redis_url(value) if value else None
 
     @field_validator("log_level", mode="before")
     @classmethod

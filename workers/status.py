@@ -8,7 +8,9 @@ import redis
 
 from workers.contract import INFERENCE_QUEUE
 from workers.model_files import model_label
-from workers.redis_server import redact_url, resolve_redis_url
+from workers.redis_client import redis_client
+from workers.redis_server import resolve_redis_url
+from workers.redis_urls import redact_url
 from workers.settings import Settings
 
 QUEUE_PATTERNS = (f"{INFERENCE_QUEUE}.*", "deliver.*", "helper.*")
@@ -51,7 +53,7 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         "workers": {},
         "queues": {},
     }
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    client = redis_client(url, settings, socket_connect_timeout=2, socket_timeout=2)
     try:
         info = cast(dict[str, Any], client.info("server"))
         report["redis"]["version"] = info.get("redis_version")

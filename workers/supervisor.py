@@ -24,11 +24,11 @@ from types import FrameType
 from workers.redis_server import (
     RedisServer,
     ping,
-    redact_url,
     remove_runtime_url,
     running_up_pid,
     write_runtime_url,
 )
+from workers.redis_urls import redact_url
 from workers.settings import Settings
 
 BUILT_IN_HELPERS = ("calc", "image", "time")

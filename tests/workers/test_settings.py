@@ -40,6 +40,10 @@ def test_values_are_read_and_converted(monkeypatch: pytest.MonkeyPatch, tmp_path
         ("GPT4P_HTTP_PORT", "70000"),
         ("GPT4P_MAX_TOKENS", "0"),
         ("GPT4P_REDIS_URL", "http://localhost:6379"),
+        ("GPT4P_REDIS_URL", "sentinel://h1:26379;redis://h2:6379"),
+        ("GPT4P_REDIS_URL", "sentinel://:a@h1:26379;sentinel://:b@h2:26379"),
+        ("GPT4P_REDIS_URL", "sentinel://h1:26379/zero"),
+        ("GPT4P_REDIS_WAIT_TIMEOUT", "0"),
         ("GPT4P_MODEL_PATH", "/nowhere/model.gguf"),
     ],
 )

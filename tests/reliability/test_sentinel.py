@@ -1,0 +1,153 @@
+"""Redis high availability: the primary dies and nothing accepted is lost or sent twice.
+
+A real primary, replica and three Sentinels (with passwords) on loopback;
+GPT4People's processes get only the Sentinels' addresses. Texts keep
+arriving; after 15 the primary is SIGKILLed (its host dies). The Sentinels
+promote the replica, every process finds the new primary by itself, and
+every text that Twilio got a 200 for is answered exactly once: the webhook
+answered only once a replica had the job (Redis WAIT).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.channels.twilio_recorder import TwilioRecorder
+from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
+from tests.reliability.redis_ha import REDIS_PASSWORD, SentinelCluster
+from tests.reliability.test_chaos import text
+from tests.reliability.whereabouts import Witness
+from workers.redis_client import redis_client
+from workers.redis_server import free_port
+from workers.replication import ReplicaWait
+from workers.settings import Settings
+
+TEXTS = 40
+KILL_AFTER = 15
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+    cluster = SentinelCluster(tmp_path / "redis-ha").start()
+    yield cluster
+    cluster.stop()
+
+
+def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
+    cluster: SentinelCluster, tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    env = base_env(
+        tmp_path, engine="echo", twilio_account_sid=twilio.account_sid,
+        twilio_auth_token=twilio.auth_token, twilio_from="+15550000000",
+        twilio_api_base=twilio.url, sms_retry_backoff="0.2", sms_rate_limit="1000",
+        worker_heartbeat_ttl="3", **cluster.env(),
+    )  # fmt: skip
+    numbers = [f"+1680000{i:04d}" for i in range(TEXTS)]
+    workers = {"echo": start_worker(env, "echo-ha@test"),
+               "deliver": start_worker(env, "deliver-ha@test", command="deliver")}  # fmt: skip
+    port = free_port()
+    web = start_web(env, port)
+    base = f"http://127.0.0.1:{port}"
+    client = redis_client(cluster.url, Settings(**cluster.env()), socket_timeout=5)
+    witness = Witness(client, tmp_path, {**workers, "web": web},
+                      lambda number: len(twilio.delivered(number)))  # fmt: skip
+    statuses: list[int] = []
+    sent_at: dict[str, float] = {}
+    first_answer: dict[str, float] = {}
+
+    def keep_texting() -> None:
+        for number in numbers:
+            sent_at[number] = time.monotonic()
+            statuses.append(text(base, twilio, number, f"hello from {number}", witness))
+
+    done = threading.Event()
+
+    def watch_answers() -> None:  # when each first answer came, to a tenth of a second
+        while not done.wait(0.05):
+            for number in numbers:
+                if number not in first_answer and twilio.delivered(number):
+                    first_answer[number] = time.monotonic()
+
+    sender = threading.Thread(target=keep_texting)
+    watcher = threading.Thread(target=watch_answers, daemon=True)
+    try:
+        watcher.start()
+        sender.start()
+        witness.wait(lambda: len(statuses) >= KILL_AFTER, 60, f"the first {KILL_AFTER} texts")
+        old_primary = cluster.primary.port
+        witness.mark()
+        killed_at = cluster.kill_primary()
+        witness.event(f"primary (port {old_primary}) killed after {len(statuses)} texts")
+        witness.wait(lambda: cluster.primary_port() != old_primary, 60, "the failover")
+        witness.event(f"Sentinels promoted port {cluster.primary_port()}")
+        sender.join(120)
+        assert statuses == [200] * TEXTS  # Twilio always got its normal answer
+        witness.wait(lambda: len(first_answer) == TEXTS, 120, "every accepted text to be answered")
+
+        def drained() -> bool:
+            queued = client.llen("inference") + client.llen("deliver.sms")
+            return queued + client.hlen("gpt4p:ledger") == 0
+
+        witness.wait(drained, 60, "the queues and the ledger to drain")
+    finally:
+        done.set()
+        sender.join(60)
+        client.close()
+        for process in (web, *workers.values()):
+            stop_process(process)
+    counts = [len(twilio.delivered(n)) for n in numbers]
+    after = [t - killed_at for t in first_answer.values() if t > killed_at]
+    later = [first_answer[n] - killed_at for n in numbers if sent_at[n] > killed_at]
+    print(f"\nsentinel failover: {TEXTS} SMS, answers={sum(counts)}, "
+          f"duplicates={sum(c - 1 for c in counts if c > 1)}, next answer {min(after):.1f}s "
+          f"after the kill, first answer to a text sent after it {min(later):.1f}s, "
+          f"all answered {max(after):.1f}s after it")  # fmt: skip
+    assert counts == [1] * TEXTS, witness.report()
+
+
+def test_replica_wait_confirms_a_write_and_gives_up_on_a_stalled_replica(
+    cluster: SentinelCluster,
+) -> None:
+    primary = redis.Redis(port=cluster.primary.port, password=REDIS_PASSWORD, socket_timeout=5)
+    waiter = ReplicaWait(primary, replicas=1, timeout=0.5)
+    primary.set("accepted", "job")
+    assert waiter.wait()
+    replica = redis.Redis(port=cluster.replica.port, password=REDIS_PASSWORD, socket_timeout=5)
+    assert replica.get("accepted") == b"job"
+    # A replica that stops acknowledging (its host stalls): the wait ends at its timeout,
+    # says so and counts it, instead of holding the channel's answer forever.
+    assert cluster.replica.process is not None
+    os.kill(cluster.replica.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert not waiter.wait()
+        assert time.monotonic() - started < 5
+        assert waiter.timeouts == 1
+        metrics = primary.hgetall("gpt4p:metrics:counters")
+        assert any(b"gpt4p_replication_wait_timeouts" in field for field in metrics)
+    finally:
+        os.kill(cluster.replica.process.pid, signal.SIGCONT)
+    wait_for(waiter.wait, 30, "the replica to acknowledge again")
+    primary.close()
+    replica.close()
+
+
+def test_without_replicas_nothing_is_waited_for(tmp_path: Path) -> None:
+    from workers.redis_server import RedisServer
+
+    with RedisServer(tmp_path / "alone") as server:
+        client = redis.Redis.from_url(server.url)
+        waiter = ReplicaWait(client, replicas=1, timeout=5)
+        started = time.monotonic()
+        assert waiter.wait()
+        assert time.monotonic() - started < 1  # not the 5 s timeout
+        assert waiter.timeouts == 0
+        client.close()

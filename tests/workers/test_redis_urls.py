@@ -1,0 +1,35 @@
+"""GPT4P_REDIS_URL: one server, or Celery's Sentinel form, parsed as Celery reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.redis_client import celery_transport_options
+from workers.redis_urls import InvalidRedisUrlError, parse_sentinel_url, redact_url
+from workers.settings import Settings
+
+
+def test_a_sentinel_url_names_every_sentinel_and_the_primarys_login_and_database() -> None:
+    target = parse_sentinel_url("sentinel://:pw@s1:26379/2;sentinel://s2:26380;sentinel://s3/2")
+    assert target.sentinels == [("s1", 26379), ("s2", 26380), ("s3", 26379)]
+    assert (target.password, target.db) == ("pw", 2)
+
+
+def test_parts_that_disagree_are_refused_rather_than_half_followed() -> None:
+    # Celery and kombu read the first part; a database named only later would split the
+    # deployment between two databases.
+    with pytest.raises(InvalidRedisUrlError, match="different databases"):
+        parse_sentinel_url("sentinel://s1:26379/0;sentinel://s2:26379/3")
+
+
+def test_passwords_never_reach_a_log_line() -> None:
+    url = "sentinel://:pw1@s1:26379;sentinel://user:pw1@s2:26379/0"
+    assert "pw1" not in redact_url(url)
+    assert redact_url(url) == "sentinel://:***@s1:26379;sentinel://user:***@s2:26379/0"
+
+
+def test_celery_gets_the_master_name_and_the_sentinels_password_only_for_sentinels() -> None:
+    settings = Settings(redis_master_name="primary-a", redis_sentinel_password="spw")
+    options = celery_transport_options("sentinel://s1:26379", settings)
+    assert options == {"master_name": "primary-a", "sentinel_kwargs": {"password": "spw"}}
+    assert celery_transport_options("redis://r:6379/0", settings) == {}
