@@ -245,9 +245,35 @@ def _cmd_helpers(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.status import collect_status, format_status
 
+    if args.job:
+        return _job_status(args, settings)
     report = collect_status(settings, timeout=args.timeout)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0 if report["redis"]["up"] else EXIT_REDIS
+
+
+def _job_status(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    import redis
+
+    from workers.redis_client import redis_client
+    from workers.redis_server import resolve_redis_url
+    from workers.whereabouts import locate_jobs
+
+    try:
+        with redis_client(resolve_redis_url(settings), settings, socket_timeout=5,
+                          socket_connect_timeout=3) as client:  # fmt: skip
+            found = locate_jobs(client, args.job)
+    except redis.RedisError as error:
+        raise CliError(f"Redis unreachable ({error.__class__.__name__}: {error})",
+                       EXIT_REDIS) from None  # fmt: skip
+    if args.json:
+        print(json.dumps({job: dataclasses.asdict(where) for job, where in found.items()},
+                         indent=2))  # fmt: skip
+    else:
+        print("\n".join(where.describe() for where in found.values()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
+    status.add_argument(
+        "--job", action="append", metavar="ID",
+        help="where this job is instead: queued, held by a worker, ledgered, answered, "
+        "delivered (repeatable; an SMS job is sms-<MessageSid>)",
+    )  # fmt: skip
     status.set_defaults(handler=_cmd_status)
     return parser
 

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DB_NO_WORKER, base_env, redis_url, run_cli
+from workers.app import celery_for
+from workers.client import submit
+from workers.contract import ChatMessage, Job
 from workers.redis_server import RedisServer, free_port
+from workers.settings import Settings
 
 
 def test_ask_goes_through_the_queue_and_prints_the_reply(echo_env: dict[str, str],
@@ -78,6 +82,29 @@ def test_status_with_redis_down_says_so(state_dir: Path) -> None:
     assert done.returncode == 3
     assert "DOWN" in done.stdout
     assert "hunter2" not in done.stdout  # the password is never printed
+
+
+def test_status_job_says_where_a_job_is(
+    echo_env: dict[str, str], echo_worker: str, redis_server: RedisServer, state_dir: Path
+) -> None:
+    answered = json.loads(run_cli(["ask", "--json", "where am I"], echo_env).stdout)["job_id"]
+    done = run_cli(["status", "--job", answered, "--job", "no-such-job"], echo_env)
+    assert done.returncode == 0, done.stderr
+    mine, unknown = done.stdout.strip().splitlines()
+    assert mine.startswith(f"{answered}: inference: result SUCCESS")
+    assert unknown == "no-such-job: inference: unknown to Redis | delivery: unknown to Redis"
+    # With no worker, a job waits in its queue, ledgered until it has run.
+    url = redis_url(redis_server, DB_NO_WORKER)
+    app = celery_for(Settings(redis_url=url))
+    job = Job(channel="cli", user="tester", reply_to="cli",
+              messages=[ChatMessage(role="user", content="anyone?")])  # fmt: skip
+    submit(app, job)
+    app.close()
+    done = run_cli(["status", "--json", "--job", job.id], base_env(state_dir, redis_url=url))
+    where = json.loads(done.stdout)[job.id]["inference"]
+    assert where["queued_in"] == ["inference"]
+    assert where["ledgered_s"] is not None and where["result"] is None
+    assert "anyone?" not in done.stdout  # whereabouts, never the conversation
 
 
 @pytest.mark.model
