@@ -83,8 +83,9 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float, stuck_after: float =
             connection.default_channel.qos.restore_by_tag(tag)
         client.hdel(OWNERS_KEY, tag)
         restored += 1
-        log.warning("a job of dead worker %s (delivery %s) returned to its queue",
-                    owner.split("#")[0], tag)  # fmt: skip
+        # The holder died, or reconnected as a new instance (its old jobs could not be acked).
+        log.warning("a job held by %s, which stopped heart-beating, returned to its queue "
+                    "(delivery %s)", owner.split("#")[0], tag)  # fmt: skip
     client.zremrangebyscore(NODES_KEY, 0, now - 10 * ttl)
     return restored
 

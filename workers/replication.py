@@ -93,6 +93,8 @@ class ReplicaWait:
         if acknowledged >= wanted:
             return True
         self.timeouts += 1
+        with self._lock:  # a replica may have gone (a failover): count them again next time
+            self._known = (0.0, 0)
         Metrics(self.client).count("gpt4p_replication_wait_timeouts", {})
         log.warning("only %d of %d replica(s) confirmed within %gs (GPT4P_REDIS_WAIT_TIMEOUT); "
                     "accepting anyway", acknowledged, wanted, self.timeout)  # fmt: skip

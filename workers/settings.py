@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     redis_wait_timeout: float = Field(
         1.0,
         gt=0,
-        le=30,
+        le=4,  # under the 5 s socket timeout of the clients that wait
         description="Seconds to wait for those replicas; then the message is accepted anyway.",
     )
     state_dir: Path = Field(
