@@ -81,8 +81,18 @@ class MailboxPoller:
     def _watch(self, box: BaseMailBox) -> None:
         idle = self.settings.imap_idle and "IDLE" in box.client.capabilities
         log.info("watching %s (%s)", self.settings.imap_folder, "IDLE" if idle else "polling")
+        redis_backoff = 1.0
         while not self.stop.is_set():
-            self.poll_once(box)
+            try:
+                self.poll_once(box)
+                redis_backoff = 1.0
+            except (RedisUnavailableError, redis.RedisError) as error:
+                # Mail stays unflagged in the mailbox: it is read again once Redis is back.
+                log.warning("Redis unavailable (%s); mail waits in the mailbox, next try in "
+                            "%.0fs", error.__class__.__name__, redis_backoff)  # fmt: skip
+                self.stop.wait(redis_backoff)
+                redis_backoff = min(redis_backoff * 2, 30.0)
+                continue
             if idle:
                 box.idle.wait(timeout=min(self.settings.email_poll_seconds, IDLE_SLICE_S))
             else:
