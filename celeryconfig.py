@@ -59,7 +59,7 @@ broker_transport_options = {
 }
 result_backend_transport_options = {
     "visibility_timeout": max(3600, 2 * _settings.task_time_limit),
-    **celery_transport_options(broker_url, _settings),
+    **celery_transport_options(result_backend, _settings),
 }
 # Results are read once by the channel that waits for them; keep them for a day at most.
 result_expires = 24 * 3600
@@ -76,6 +76,10 @@ broker_connection_max_retries = None
 # Kombu's cleanup of a lost Redis connection can raise and end the worker
 # (celery/kombu#970): this consumer finishes it and reconnects instead.
 worker_consumer = "workers.consumer:SelfHealingConsumer"
+# A job still running when the connection breaks is left to finish (its answer is
+# delivered once); its message, which can no longer be acknowledged, is returned by the
+# reaper and answered again, deduplicated. Cancelling would kill a send half-way.
+worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_timeout = 5.0
 redis_socket_connect_timeout = 5.0
 redis_socket_timeout = 30.0

@@ -13,7 +13,7 @@ while the connection was lost finishes after the reconnect, and its
 acknowledgement goes to the old channel, which raises the same error inside
 the event loop.
 
-`SelfHealingConsumer` finishes that cleanup whatever it raises and reconnects,
+`SelfHealingConsumer` closes the lost connection whatever that raises and reconnects,
 and settles (acknowledges or rejects) a message only on the live channel it
 came from. Nothing is lost by skipping kombu's put-back or a late
 acknowledgement: the messages stay in Redis's ``unacked`` hash under the
@@ -22,20 +22,29 @@ reconnects as a new instance, so the recovery reaper returns them to their
 queues within GPT4P_WORKER_HEARTBEAT_TTL (`workers.recovery`); a job answered
 twice that way is delivered once (deliveries are idempotent).
 
-It also retries the connection forever, every 2 s at most (Celery gives up
-after 100 tries, with waits growing to 30 s), so a worker notices a Redis that
-is back within a second or two.
+It also retries the connection every 2 s at most (Celery's waits grow to
+30 s), so a worker notices a Redis that is back within a second or two; with
+``broker_connection_max_retries = None`` (celeryconfig) it never gives up.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any
 
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
 log = logging.getLogger(__name__)
+
+# Celery warns at every reconnect that it will cancel running jobs by default one day; the
+# choice is made explicitly in celeryconfig (worker_cancel_long_running_tasks_on_connection_loss).
+warnings.filterwarnings(
+    "ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+    category=CPendingDeprecationWarning,
+)  # fmt: skip
 
 # Waits between connection attempts while Redis is away: 0.5 s, then 1 s, then every 2 s.
 RECONNECT_START_S = 0.5
@@ -47,23 +56,12 @@ class SelfHealingConsumer(Consumer):
     """Celery's consumer, which survives the failures of kombu's cleanup after a lost connection."""
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
-        """Drop the lost connection (whatever its cleanup raises), then let Celery reconnect."""
-        try:
-            super().on_connection_error_after_connected(exc)
-        except Exception as error:  # noqa: BLE001 - kombu#970 raises anything here
-            log.warning(
-                "cleaning up the lost Redis connection failed (%s: %s); reconnecting anyway: "
-                "the jobs this worker held return to their queues through the recovery reaper",
-                error.__class__.__name__, error,
-            )  # fmt: skip
-            self.connection = None
-
-    def on_close(self) -> None:
-        """Forget what the lost connection delivered; never fail the reconnect over it."""
-        try:
-            super().on_close()
-        except Exception as error:  # noqa: BLE001 - same cleanup, same kombu bug
-            log.warning("cleanup before reconnecting failed (%s); going on", error)
+        """Celery's handling of a lost connection, with a close of it that cannot raise."""
+        if self.connection is not None:
+            # Celery closes the lost connection with ignore_errors(), which lets kombu#970's
+            # AttributeError through; everything else it does here (prefetch, events) stays.
+            self.connection.close = _closing_whatever_it_raises(self.connection.close)
+        super().on_connection_error_after_connected(exc)
 
     def call_soon_ack(self, p: Any, *args: Any, **kwargs: Any) -> Any:
         """Acknowledge or reject a message later in the event loop, unless its channel is dead."""
@@ -80,6 +78,24 @@ class SelfHealingConsumer(Consumer):
             return super().ensure_connected(conn)
         finally:
             del conn.ensure_connection  # the instance attribute; the class method again
+
+
+def _closing_whatever_it_raises(close: Any) -> Any:
+    """`close` (of a lost connection), logging instead of raising what kombu's cleanup raises."""
+
+    @functools.wraps(close)
+    def close_lost_connection() -> None:
+        try:
+            close()
+        except Exception as error:
+            log.warning(
+                "cleaning up the lost Redis connection failed (%s: %s); reconnecting anyway: "
+                "the jobs this worker held return to their queues through the recovery reaper",
+                error.__class__.__name__, error,
+            )  # fmt: skip
+            log.debug("the cleanup's traceback", exc_info=error)
+
+    return close_lost_connection
 
 
 def _unless_stale(settle: Any) -> Any:
