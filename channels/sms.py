@@ -17,6 +17,8 @@ from celery import Celery
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
@@ -265,6 +267,15 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
     return drained
 
 
-def sync_redis_for(url: str) -> Any:
-    """A thread-safe Redis client for the webhook's work."""
-    return redis_client(url, socket_timeout=5, socket_connect_timeout=5)
+def sync_redis_for(url: str, settings: Settings) -> Any:
+    """A thread-safe Redis client for the webhook's work, which gives up within seconds.
+
+    Twilio waits 15 s for the webhook's answer and never retries it: a Redis that does not
+    answer must send the message to the spool in time, not after redis-py's default
+    retries (about 9 s against a refused port, over 20 s against a host gone silent).
+    """
+    return redis_client(
+        url, settings, socket_connect_timeout=2,
+        socket_timeout=settings.redis_wait_timeout + 1,  # WAIT is its longest command
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=1),
+    )  # fmt: skip

@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = async_redis_client(
             url, settings, socket_connect_timeout=5, health_check_interval=30
         )
-        app.state.sync_redis = sync_redis_for(url)
+        app.state.sync_redis = sync_redis_for(url, settings)
         app.state.spool = InboundSpool(settings.state_dir / "spool.sqlite3")
         drainer = asyncio.create_task(_drain_forever(app))
         try:

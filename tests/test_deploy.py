@@ -116,10 +116,15 @@ def test_the_ha_profile_adds_a_replica_and_three_sentinels_that_every_service_ca
     services = compose()["services"]
     ha = {name for name, service in services.items() if "ha" in service.get("profiles", [])}
     assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
-    assert "--replicaof redis 6379" in services["redis-replica"]["command"]
+    assert "'replicaof redis 6379'" in services["redis-replica"]["command"][-1]
     assert "--masterauth" in services["redis"]["command"]  # it rejoins as a replica
-    script = services["sentinel-1"]["command"][-1]
-    assert "sentinel monitor mymaster redis 6379 2" in script  # a quorum of two of three
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][-1]
+        assert "'sentinel monitor mymaster redis 6379 2'" in script  # a quorum of two of three
+        # What a Sentinel learnt survives its restart: its configuration is on a volume of
+        # its own and written only when missing.
+        assert "[ -f /data/sentinel.conf ] ||" in script
+        assert services[name]["volumes"] == [f"{name}-data:/data"]
     sentinel_hosts = "sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
     done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="pw2", REDIS_SCHEME="sentinel",
                           REDIS_HOSTS=sentinel_hosts)  # fmt: skip

@@ -43,10 +43,17 @@ def celery_for(settings: Settings) -> Celery:
     client.config_from_object("celeryconfig")
     url = resolve_redis_url(settings)
     sentinel = celery_transport_options(url, settings)
+    # A channel publishes a job in milliseconds; a broker gone silent must fail the
+    # publish in seconds (the SMS webhook then spools), not hang it.
+    publish_timeouts = {"socket_timeout": 3, "socket_connect_timeout": 2}
     client.conf.update(
         broker_url=url,
         result_backend=url,
-        broker_transport_options={**client.conf.broker_transport_options, **sentinel},
+        broker_transport_options={
+            **client.conf.broker_transport_options,
+            **sentinel,
+            **publish_timeouts,
+        },
         # A channel waiting on Redis must answer its caller quickly (503), not retry
         # for the 20 s a worker storing a result is allowed.
         result_backend_transport_options={

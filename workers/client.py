@@ -85,7 +85,8 @@ def submit(
                     return existing.decode()
             claimed = True
         # Ledgered: a Redis crash in the instant a worker pops the job cannot lose it.
-        retry_policy = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+        # Bounded: a webhook must answer Twilio within its 15 s, spooling if need be.
+        retry_policy = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5}
         ledger.send(app, client, INFERENCE_TASK, [job.to_task_arg()], queue, task_id=job.id,
                     argsrepr=job_summary(job), retry=True, retry_policy=retry_policy)  # fmt: skip
         Metrics(client).count("gpt4p_jobs_received", {"channel": job.channel})

@@ -20,10 +20,19 @@ import redis.sentinel
 from workers.redis_urls import SentinelTarget, is_sentinel_url, parse_sentinel_url
 from workers.settings import Settings, get_settings
 
+# A Sentinel answers "where is the primary?" in a millisecond; one whose host is gone
+# must be skipped for the next quickly, not after the kernel's two-minute connect timeout
+# (redis-py gives Sentinels no timeout at all once sentinel_kwargs are set).
+SENTINEL_TIMEOUT_S = 2.0
+
 
 def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:
-    password = settings.redis_sentinel_password
-    return {"password": password.get_secret_value()} if password is not None else {}
+    """How to talk to the Sentinels themselves: timeouts, and their password if any."""
+    options: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S,
+                               "socket_connect_timeout": SENTINEL_TIMEOUT_S}  # fmt: skip
+    if settings.redis_sentinel_password is not None:
+        options["password"] = settings.redis_sentinel_password.get_secret_value()
+    return options
 
 
 def celery_transport_options(url: str, settings: Settings) -> dict[str, Any]:
@@ -37,11 +46,8 @@ def celery_transport_options(url: str, settings: Settings) -> dict[str, Any]:
 def _sentinel_manager(
     target: SentinelTarget, settings: Settings, options: dict[str, Any], asynchronous: bool
 ) -> Any:
-    # The Sentinels get the same timeouts as the primary, and their own password.
-    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
-    sentinel_kwargs = {**timeouts, **_sentinel_kwargs(settings)}
     kind = async_sentinel.Sentinel if asynchronous else redis.sentinel.Sentinel
-    return kind(target.sentinels, sentinel_kwargs=sentinel_kwargs, **options)
+    return kind(target.sentinels, sentinel_kwargs=_sentinel_kwargs(settings), **options)
 
 
 def _primary_options(target: SentinelTarget, options: dict[str, Any]) -> dict[str, Any]:

@@ -2,15 +2,18 @@
 
 ``GPT4P_REDIS_URL`` takes a plain URL (``redis://``, ``rediss://``, ``unix://``)
 or Celery's Sentinel form, ``sentinel://:pw@host1:26379;sentinel://:pw@host2:26379/0``:
-the Sentinels to ask, the password of the Redis servers they watch (the same
-in every part, or given once), and the database. Pure functions: the settings
+the Sentinels to ask, the password of the Redis servers they watch, and the
+database. The password and database may be given once, in the first part:
+`check_redis_url` copies them into every part, because kombu reads each part
+on its own when it moves on to the next Sentinel (a part without the password
+would fail with NOAUTH during a failover). Pure functions: the settings
 validate with them and `workers.redis_client` connects with them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 SENTINEL_SCHEME = "sentinel://"
 PLAIN_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -37,10 +40,11 @@ def is_sentinel_url(url: str) -> bool:
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
-    """Split ``sentinel://:pw@h1:26379;sentinel://h2:26379/0`` into its parts.
+    """Split ``sentinel://:pw@h1:26379/0;sentinel://h2:26379`` into its parts.
 
-    Celery and kombu take the login and database from the first part, so the
-    others may repeat them or leave them out, but never differ.
+    The login and database are the first part's; the others may repeat them or
+    leave them out, but never differ. Query options are refused rather than
+    silently dropped (TLS to the Sentinels is not supported).
     """
     sentinels: list[tuple[str, int]] = []
     first: tuple[int, str | None, str | None] | None = None
@@ -51,6 +55,8 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
                 f"every part of a Sentinel URL must start with {SENTINEL_SCHEME}"
             )
         parsed = urlsplit(part)
+        if parsed.query or parsed.fragment:
+            raise InvalidRedisUrlError("a Sentinel URL takes no ?options")
         try:
             port = parsed.port or DEFAULT_SENTINEL_PORT
         except ValueError:
@@ -77,17 +83,30 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 
 
 def check_redis_url(url: str) -> str:
-    """`url` if GPT4People can use it, else raise `InvalidRedisUrlError`."""
+    """`url` if GPT4People can use it (a Sentinel URL with its login and database in every
+    part), else raise `InvalidRedisUrlError`."""
     if is_sentinel_url(url):
-        parse_sentinel_url(url)
-    elif not url.startswith(PLAIN_SCHEMES):
+        return sentinel_url(parse_sentinel_url(url))
+    if not url.startswith(PLAIN_SCHEMES):
         raise InvalidRedisUrlError("must start with redis://, rediss://, unix:// or sentinel://")
     return url
 
 
+def sentinel_url(target: SentinelTarget) -> str:
+    """The Sentinel URL of `target`, every part with the login and the database."""
+    user = quote(target.username or "", safe="")
+    login = f"{user}:{quote(target.password, safe='')}@" if target.password else (
+        f"{user}@" if user else ""
+    )  # fmt: skip
+    return ";".join(f"{SENTINEL_SCHEME}{login}{host}:{port}/{target.db}"
+                    for host, port in target.sentinels)  # fmt: skip
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, fit for logs (every Sentinel part too)."""
-    return ";".join(_redact_one(part) for part in url.split(";"))
+    if is_sentinel_url(url):
+        return ";".join(_redact_one(part) for part in url.split(";"))
+    return _redact_one(url)
 
 
 def _redact_one(url: str) -> str:

@@ -25,7 +25,7 @@ from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MARK_KEY = "gpt4p:replication:mark"
+MARK_CHANNEL = "gpt4p:replication:mark"
 REPLICA_COUNT_TTL_S = 5.0
 _SHARED: weakref.WeakKeyDictionary[redis.Redis, ReplicaWait] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
@@ -40,15 +40,18 @@ class ReplicaWait:
     """Waits until replicas have every write made so far, when the primary has replicas.
 
     Redis ``WAIT`` covers the writes of the connection it runs on; a channel's
-    writes come from several connections (its own pool, Celery's). So a small
-    write is made first on the connection that waits: replication is one
-    ordered stream, so once a replica has that write it has every write that
+    writes come from several connections (its own pool, Celery's). So the
+    connection that waits first sends a ``PUBLISH`` (replicated like a write,
+    but not written to the append-only file, so it costs no fsync): replication
+    is one ordered stream, so once a replica has it, it has every write that
     finished before it. Without replicas (one Redis) nothing is waited for: the
     replica count is read at most every few seconds.
     """
 
     def __init__(self, client: redis.Redis, replicas: int, timeout: float) -> None:
-        self.client, self.replicas, self.timeout = client, replicas, timeout
+        # Weak: the process-wide table of waiters must not keep a closed client alive.
+        self._client = weakref.ref(client)
+        self.replicas, self.timeout = replicas, timeout
         self._lock = threading.Lock()
         self._known: tuple[float, int] = (0.0, 0)
         self.timeouts = 0  # waits that ended before enough replicas had the data
@@ -64,6 +67,14 @@ class ReplicaWait:
                     client, settings.redis_wait_replicas, settings.redis_wait_timeout
                 )
             return waiter
+
+    @property
+    def client(self) -> redis.Redis:
+        """The client this waiter waits through."""
+        client = self._client()
+        if client is None:
+            raise RuntimeError("the Redis client of this ReplicaWait was closed and collected")
+        return client
 
     def _connected_replicas(self) -> int:
         with self._lock:
@@ -87,14 +98,14 @@ class ReplicaWait:
         if wanted == 0:
             return True
         pipe = self.client.pipeline(transaction=False)  # one connection for both commands
-        pipe.set(MARK_KEY, "1", px=60_000)
+        pipe.publish(MARK_CHANNEL, "1")
         pipe.execute_command("WAIT", wanted, max(1, int(self.timeout * 1000)))
         acknowledged = int(pipe.execute()[1])
         if acknowledged >= wanted:
             return True
-        self.timeouts += 1
         with self._lock:  # a replica may have gone (a failover): count them again next time
             self._known = (0.0, 0)
+            self.timeouts += 1
         Metrics(self.client).count("gpt4p_replication_wait_timeouts", {})
         log.warning("only %d of %d replica(s) confirmed within %gs (GPT4P_REDIS_WAIT_TIMEOUT); "
                     "accepting anyway", acknowledged, wanted, self.timeout)  # fmt: skip

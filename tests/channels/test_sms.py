@@ -8,6 +8,8 @@ text of the message, so what reaches Twilio shows exactly what was answered.
 from __future__ import annotations
 
 import itertools
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
 from channels.sms import HELP_TEXT, RATE_TEXT, RESET_TEXT
 from channels.sms_state import number_id
+from channels.web import create_app
 from tests.channels.conftest import SMS_RATE_LIMIT
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import wait_for
+from workers.settings import Settings
 
 _numbers = itertools.count(1)
 
@@ -328,3 +333,33 @@ def test_deliveries_and_delivery_failures_are_in_the_metrics(
         values[("gpt4p_delivery_failures_total", (("channel", "sms"), ("reason", "refused")))] >= 1
     )
     assert values[("gpt4p_deliveries_total", (("channel", "sms"),))] >= 1
+
+
+def test_a_text_arriving_while_redis_is_silent_is_spooled_within_twilios_timeout(
+    tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    # A Redis host that died without closing its connections: it accepts (here the
+    # kernel completes the handshake for a socket nobody reads) and never answers.
+    # Twilio gives up on a webhook after 15 s and does not post it again.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", state_dir=tmp_path,
+        twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
+    )  # type: ignore[arg-type]  # fmt: skip
+    params = {"MessageSid": new_sid(), "AccountSid": twilio.account_sid, "From": "+15557770000",
+              "To": "+15550000000", "Body": "anyone there?", "NumMedia": "0"}  # fmt: skip
+    signature = RequestValidator(twilio.auth_token).compute_signature(
+        "http://testserver/sms", params
+    )
+    try:
+        with TestClient(create_app(settings)) as web:
+            started = time.monotonic()
+            response = web.post("/sms", data=params, headers={"X-Twilio-Signature": signature})
+            answered_in = time.monotonic() - started
+            assert response.status_code == 200
+            assert len(web.app.state.spool) == 1  # kept, to be handed over once Redis answers
+    finally:
+        silent.close()
+    assert answered_in < 15, f"Twilio would have dropped this text ({answered_in:.1f}s)"

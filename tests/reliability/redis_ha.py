@@ -106,12 +106,15 @@ class SentinelCluster:
                 return int(client.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
         raise AssertionError("no Sentinel answers")
 
-    def kill_primary(self) -> float:
-        """SIGKILL the primary (a host that dies); return when, on the monotonic clock."""
-        assert self.primary.process is not None
-        self.primary.process.kill()
-        self.primary.process.wait(10)
-        return time.monotonic()
+    def kill_primary(self) -> tuple[int, float]:
+        """SIGKILL whichever server the Sentinels name primary now (its host dies); return
+        its port and when, on the monotonic clock."""
+        port = self.primary_port()
+        server = self.primary if self.primary.port == port else self.replica
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait(10)
+        return port, time.monotonic()
 
     def stop(self) -> None:
         """Stop the Sentinels, then the servers."""

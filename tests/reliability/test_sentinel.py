@@ -14,12 +14,16 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
+from twilio.request_validator import RequestValidator
 
+from channels.web import create_app
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
 from tests.reliability.redis_ha import REDIS_PASSWORD, SentinelCluster
@@ -32,6 +36,8 @@ from workers.settings import Settings
 
 TEXTS = 40
 KILL_AFTER = 15
+# Beyond pytest's 300 s default: the tests' own deadlines must fire, with their reports.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture
@@ -82,9 +88,8 @@ def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
         watcher.start()
         sender.start()
         witness.wait(lambda: len(statuses) >= KILL_AFTER, 60, f"the first {KILL_AFTER} texts")
-        old_primary = cluster.primary.port
         witness.mark()
-        killed_at = cluster.kill_primary()
+        old_primary, killed_at = cluster.kill_primary()
         witness.event(f"primary (port {old_primary}) killed after {len(statuses)} texts")
         witness.wait(lambda: cluster.primary_port() != old_primary, 60, "the failover")
         witness.event(f"Sentinels promoted port {cluster.primary_port()}")
@@ -120,6 +125,10 @@ def test_replica_wait_confirms_a_write_and_gives_up_on_a_stalled_replica(
     waiter = ReplicaWait(primary, replicas=1, timeout=0.5)
     primary.set("accepted", "job")
     assert waiter.wait()
+    started = time.perf_counter()
+    for _ in range(100):
+        assert waiter.wait()
+    print(f"\nWAIT for one replica (loopback): {(time.perf_counter() - started) * 10:.2f} ms")
     replica = redis.Redis(port=cluster.replica.port, password=REDIS_PASSWORD, socket_timeout=5)
     assert replica.get("accepted") == b"job"
     # A replica that stops acknowledging (its host stalls): the wait ends at its timeout,
@@ -151,3 +160,34 @@ def test_without_replicas_nothing_is_waited_for(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1  # not the 5 s timeout
         assert waiter.timeouts == 0
         client.close()
+
+
+def test_the_webhook_answers_twilio_only_after_waiting_for_the_replica(
+    cluster: SentinelCluster, tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    # The replica stalls: the webhook waits for it (up to the timeout), says so in the
+    # metrics, and still accepts the text (refusing it would lose it: Twilio does not retry).
+    settings = Settings(
+        **cluster.env(), state_dir=tmp_path, redis_wait_timeout=0.5,
+        twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
+    )  # type: ignore[arg-type]  # fmt: skip
+    primary = redis.Redis(port=cluster.primary.port, password=REDIS_PASSWORD, socket_timeout=5)
+    params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": twilio.account_sid,
+              "From": "+15558880000", "To": "+15550000000", "Body": "wait for me",
+              "NumMedia": "0"}  # fmt: skip
+    signature = RequestValidator(twilio.auth_token).compute_signature(
+        "http://testserver/sms", params
+    )
+    assert cluster.replica.process is not None
+    os.kill(cluster.replica.process.pid, signal.SIGSTOP)
+    try:
+        with TestClient(create_app(settings)) as web:
+            response = web.post("/sms", data=params, headers={"X-Twilio-Signature": signature})
+        assert response.status_code == 200
+        counters = primary.hgetall("gpt4p:metrics:counters")
+        waited = [v for k, v in counters.items() if b"gpt4p_replication_wait_timeouts" in k]
+        assert waited and int(waited[0]) >= 1
+        assert primary.llen("inference") == 1  # accepted all the same
+    finally:
+        os.kill(cluster.replica.process.pid, signal.SIGCONT)
+        primary.close()

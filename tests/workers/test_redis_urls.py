@@ -15,11 +15,23 @@ def test_a_sentinel_url_names_every_sentinel_and_the_primarys_login_and_database
     assert (target.password, target.db) == ("pw", 2)
 
 
+def test_the_login_and_database_of_the_first_part_reach_every_part() -> None:
+    # kombu reads each part on its own when it moves to the next Sentinel: a part without
+    # the password would fail with NOAUTH in the middle of a failover.
+    settings = Settings(redis_url="sentinel://:p%40w@s1:26379/2;sentinel://s2:26380")
+    assert settings.redis_url == "sentinel://:p%40w@s1:26379/2;sentinel://:p%40w@s2:26380/2"
+    assert parse_sentinel_url(settings.redis_url).password == "p@w"
+
+
 def test_parts_that_disagree_are_refused_rather_than_half_followed() -> None:
     # Celery and kombu read the first part; a database named only later would split the
     # deployment between two databases.
     with pytest.raises(InvalidRedisUrlError, match="different databases"):
         parse_sentinel_url("sentinel://s1:26379/0;sentinel://s2:26379/3")
+
+
+def test_a_plain_password_with_a_semicolon_is_redacted_whole() -> None:
+    assert redact_url("redis://:p;ss@host:6379/0") == "redis://:***@host:6379/0"
 
 
 def test_passwords_never_reach_a_log_line() -> None:
@@ -31,5 +43,9 @@ def test_passwords_never_reach_a_log_line() -> None:
 def test_celery_gets_the_master_name_and_the_sentinels_password_only_for_sentinels() -> None:
     settings = Settings(redis_master_name="primary-a", redis_sentinel_password="spw")
     options = celery_transport_options("sentinel://s1:26379", settings)
-    assert options == {"master_name": "primary-a", "sentinel_kwargs": {"password": "spw"}}
+    assert options["master_name"] == "primary-a"
+    assert options["sentinel_kwargs"]["password"] == "spw"
+    # A Sentinel whose host is gone is skipped in seconds, not after TCP's own timeout.
+    assert 0 < options["sentinel_kwargs"]["socket_connect_timeout"] <= 5
+    assert 0 < options["sentinel_kwargs"]["socket_timeout"] <= 5
     assert celery_transport_options("redis://r:6379/0", settings) == {}
