@@ -25,10 +25,13 @@ from tests.reliability.whereabouts import Witness
 from workers.app import celery_for
 from workers.client import enqueue_delivery, submit, wait_for_reply
 from workers.contract import ChatMessage, GenerationOptions, Job, Reply, helper_queue, helper_task
+from workers.recovery import OWNERS_KEY, UNACKED_KEY
 from workers.redis_server import RedisServer
 from workers.settings import Settings
 
-pytestmark = pytest.mark.model
+# Beyond pytest's 300 s default: the test's own deadlines must be the ones that fire, so
+# that a failure prints where every job was.
+pytestmark = [pytest.mark.model, pytest.mark.timeout(1200)]
 
 ROUNDS = 3
 HOSTNAMES = ["heal-worker@test", "heal-deliver@test", "heal-nap@test"]
@@ -62,6 +65,13 @@ def sms_reply(job_id: str, number: str, text: str) -> Reply:
                  text=text, model="none", engine="keyword")  # fmt: skip
 
 
+def holders(client: redis.Redis) -> set[str]:
+    """Hostnames of the workers holding a job now (the owners of unacknowledged messages)."""
+    held = {tag.decode() for tag in client.hkeys(UNACKED_KEY)}
+    owners = client.hgetall(OWNERS_KEY)
+    return {owner.decode().split("#")[0] for tag, owner in owners.items() if tag.decode() in held}
+
+
 def nap(app: Celery, seconds: float) -> str:
     result = app.send_task(helper_task("nap"), args=[{"text": str(seconds)}],
                            queue=helper_queue("nap"))  # fmt: skip
@@ -82,7 +92,6 @@ def test_standalone_workers_survive_three_redis_crashes_without_a_restart(
         "deliver": start_worker(env, HOSTNAMES[1], command="deliver"),
     }
     processes["helper"] = start_helper(env, HOSTNAMES[2])
-    pids = {name: p.pid for name, p in processes.items()}
     app = celery_for(Settings(redis_url=outage_redis.url))
     client = redis.Redis.from_url(outage_redis.url, socket_timeout=5)
     witness = Witness(client, tmp_path, processes, lambda n: len(twilio.delivered(n)))
@@ -100,7 +109,7 @@ def test_standalone_workers_survive_three_redis_crashes_without_a_restart(
             witness.track(long.id, "-")
             witness.track(f"heal-hang-{round_}", stuck)
             nap(app, 8)
-            witness.wait(lambda: client.hlen("unacked") >= 3, 60,
+            witness.wait(lambda: holders(client) >= set(HOSTNAMES), 60,
                          f"round {round_}: every worker to hold its work")  # fmt: skip
             witness.mark()
             assert server.process is not None
@@ -127,13 +136,12 @@ def test_standalone_workers_survive_three_redis_crashes_without_a_restart(
             witness.wait(napped.ready, 120, f"round {round_}: the helper to answer a new call")
             assert wait_for_reply(app, answered.id, 1).text.strip()
             assert napped.get(timeout=1)["text"] == "slept 0s"
-            assert {name: p.poll() for name, p in processes.items()} == dict.fromkeys(pids)
+            assert {name: p.poll() for name, p in processes.items()} == dict.fromkeys(processes)
     finally:
         twilio.release.set()
         app.close()
         for process in processes.values():
             stop_process(process)
-    assert {name: p.pid for name, p in processes.items()} == pids
-    # The hung sends were delivered once each, never twice.
+    # The sends Twilio took but never answered were not sent again after the reconnects.
     for round_ in range(1, ROUNDS + 1):
-        assert len(twilio.delivered(f"+1699000000{round_}")) <= 1
+        assert len(twilio.delivered(f"+1699000000{round_}")) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,8 @@ class Witness:
         self.state_dir = state_dir
         self.processes = processes  # each must stay alive: a wait fails as soon as one exits
         self.delivered = delivered  # how many answers a job's recipient got
-        self.jobs: dict[str, str] = {}  # job id -> recipient
+        self.jobs: dict[str, str] = {}  # job id -> recipient (senders add from their threads)
+        self._jobs_lock = threading.Lock()
         self.timeline: list[tuple[float, str]] = []
         self.started = time.monotonic()
         self._marks: dict[Path, int] = {}
@@ -48,7 +50,8 @@ class Witness:
 
     def track(self, job_id: str, recipient: str) -> None:
         """Report on this job if a wait times out."""
-        self.jobs[job_id] = recipient
+        with self._jobs_lock:
+            self.jobs[job_id] = recipient
 
     def event(self, what: str) -> None:
         """Note something the test did (a kill, a restart) in the timeline."""
@@ -116,15 +119,17 @@ class Witness:
         return "\n".join(lines)
 
     def _jobs_report(self) -> list[str]:
-        if not self.jobs:
+        with self._jobs_lock:
+            jobs = dict(self.jobs)
+        if not jobs:
             return []
         spooled = self._spooled()
         try:
-            where = locate_jobs(self.client, self.jobs)
+            where = locate_jobs(self.client, jobs)
         except redis.RedisError as error:
             return [f"jobs: Redis unreadable ({error})"]
         lines = ["jobs:"]
-        for job_id, recipient in self.jobs.items():
+        for job_id, recipient in jobs.items():
             answers = self.delivered(recipient) if self.delivered else "?"
             spool = " | SPOOLED in the web app" if job_id in spooled else ""
             lines.append(f"  {where[job_id].describe()}{spool} | answers received: {answers}")
