@@ -8,6 +8,7 @@ be told to answer the next ones with a temporary failure.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -93,6 +94,13 @@ class Dovecot:
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     """Debian's dovecot on a free loopback port (installed by `make install`)."""
+    with running_dovecot() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_dovecot() -> Iterator[Dovecot]:
+    """Dovecot with a throwaway configuration, stopped on leaving (tests and benchmarks)."""
     if not Path(DOVECOT).exists():
         raise RuntimeError("dovecot is not installed: run `make install` (apt dovecot-imapd)")
     root = Path(tempfile.mkdtemp(prefix="gpt4p-dovecot-"))
@@ -154,8 +162,17 @@ class SmtpCapture:
 @pytest.fixture(scope="session")
 def smtp() -> Iterator[SmtpCapture]:
     """A real SMTP server (aiosmtpd) on a free loopback port."""
+    with running_smtp() as capture:
+        yield capture
+
+
+@contextlib.contextmanager
+def running_smtp() -> Iterator[SmtpCapture]:
+    """An SMTP server recording what it accepts, stopped on leaving (tests and benchmarks)."""
     capture = SmtpCapture(port=free_port())
     controller = Controller(capture, hostname=capture.host, port=capture.port)
     controller.start()
-    yield capture
-    controller.stop()
+    try:
+        yield capture
+    finally:
+        controller.stop()

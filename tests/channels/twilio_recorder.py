@@ -10,9 +10,11 @@ and Twilio's error bodies) and can be told to fail for a recipient.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -151,12 +153,20 @@ def _handler(recorder: TwilioRecorder) -> type[BaseHTTPRequestHandler]:
 
 
 @pytest.fixture(scope="session")
-def twilio() -> object:
+def twilio() -> Iterator[TwilioRecorder]:
     """A running recorder; its `url` is what GPT4P_TWILIO_API_BASE points at."""
-    recorder = TwilioRecorder(account_sid="AC" + "1" * 32, auth_token="test-auth-token-123")
+    with running_recorder("AC" + "1" * 32, "test-auth-token-123") as recorder:
+        yield recorder
+
+
+@contextlib.contextmanager
+def running_recorder(account_sid: str, auth_token: str) -> Iterator[TwilioRecorder]:
+    """A recorder serving on a free loopback port until leaving (tests and benchmarks)."""
+    recorder = TwilioRecorder(account_sid=account_sid, auth_token=auth_token)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(recorder))
     recorder.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield recorder
-    server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield recorder
+    finally:
+        server.shutdown()
