@@ -21,6 +21,7 @@ from celery import Celery
 
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import ROOT, base_env, start_worker, stop_process, wait_for
+from tests.reliability.test_chaos import MODEL_THREADS
 from tests.reliability.whereabouts import Witness
 from workers.app import celery_for
 from workers.client import enqueue_delivery, submit, wait_for_reply
@@ -83,6 +84,7 @@ def test_standalone_workers_survive_three_redis_crashes_without_a_restart(
 ) -> None:
     env = base_env(
         tmp_path, redis_url=outage_redis.url, engine="llama", n_ctx="512", parallel="4",
+        n_threads=MODEL_THREADS,
         twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
         twilio_from="+15550000000", twilio_api_base=twilio.url, twilio_timeout="4",
         sms_retry_backoff="0.2", worker_heartbeat_ttl="3",
