@@ -10,6 +10,7 @@ SEND_IN_FLIGHT_TTL_S, with the same Message-ID, which mail clients show once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import logging
 import random
@@ -19,6 +20,7 @@ from email.message import EmailMessage
 from email.utils import formataddr, formatdate, parseaddr
 from typing import Any, cast
 
+import redis
 from celery import Task
 
 from channels.email import PREFIX, EmailRecords, digest
@@ -155,7 +157,12 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
         if state != b"sending":
             return {"status": "already sent"}
         raise self.retry(countdown=_backoff(settings, self.request.retries))
-    make_durable(client, settings)  # the claim survives a failover before the send
+    try:
+        make_durable(client, settings)  # the claim survives a failover before the send
+    except redis.RedisError:
+        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
+            client.delete(key)
+        raise
     message = compose_reply(reply, settings)
     try:
         send_smtp(message, settings)

@@ -12,12 +12,14 @@ log lagging behind an accepted message by more than that margin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import redis
 import requests
 from celery import Task
 from twilio.base.exceptions import TwilioRestException
@@ -144,7 +146,12 @@ def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: i
                 continue
             state.reclaim_part(reply.job_id, index)
         # The claim must survive a failover before the send, which cannot be undone.
-        make_durable(state.redis, state.settings)
+        try:
+            make_durable(state.redis, state.settings)
+        except redis.RedisError:
+            with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
+                state.release_part(reply.job_id, index)
+            raise
         try:
             sid = sender.send(reply.reply_to, reply.reply_from, body)
         except AmbiguousSendError:

@@ -28,7 +28,7 @@ from channels.spool import InboundSpool
 from workers.app import celery_for
 from workers.liveness import live_workers
 from workers.metrics import RedisCollector
-from workers.redis_client import async_redis_client
+from workers.redis_client import aclose_redis, async_redis_client, close_redis
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
@@ -77,8 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             drainer.cancel()
-            await app.state.redis.aclose()
-            app.state.sync_redis.close()
+            await aclose_redis(app.state.redis)  # and its Sentinel connections, if any
+            close_redis(app.state.sync_redis)
             app.state.spool.close()
 
     app = FastAPI(title="GPT4People", version="0.1.0", lifespan=lifespan)

@@ -46,6 +46,7 @@ DOCS = {
     "gpt4p_model_load_seconds": "How long each inference process took to load its model.",
     "gpt4p_queue_depth": "Jobs waiting in each queue.",
     "gpt4p_replication_wait_timeouts": "Messages accepted before enough replicas confirmed them.",
+    "gpt4p_replication_unprotected": "Messages accepted with Sentinels but no replica online.",
 }
 
 

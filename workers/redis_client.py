@@ -78,3 +78,23 @@ def async_redis_client(
     manager = _sentinel_manager(target, settings, options, asynchronous=True)
     primary = manager.master_for(settings.redis_master_name, **_primary_options(target, options))
     return cast(aioredis.Redis, primary)
+
+
+def _sentinels_of(client: redis.Redis | aioredis.Redis) -> list[Any]:
+    """The Sentinel clients behind a client from a Sentinel URL (none for a plain one)."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    return list(getattr(manager, "sentinels", []))
+
+
+def close_redis(client: redis.Redis) -> None:
+    """Close `client` and, for a Sentinel URL, its connections to the Sentinels."""
+    client.close()
+    for sentinel in _sentinels_of(client):
+        sentinel.close()
+
+
+async def aclose_redis(client: aioredis.Redis) -> None:
+    """`close_redis` for an asyncio client."""
+    await client.aclose()
+    for sentinel in _sentinels_of(client):
+        await sentinel.aclose()

@@ -10,6 +10,7 @@ class to get a Redis of its own on a free port.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -96,7 +98,7 @@ class RedisServer:
     @property
     def url(self) -> str:
         """The URL clients use, database 0."""
-        login = f":{self.password}@" if self.password else ""
+        login = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{login}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
@@ -104,6 +106,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
             redis_binary(),
+            *([str(self._auth_config())] if self.password else []),
             "--port", str(self.port),
             "--bind", self.host,
             "--dir", str(self.data_dir),
@@ -112,8 +115,6 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
-            *(["--requirepass", self.password, "--masterauth", self.password]
-              if self.password else []),
             *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -133,16 +134,36 @@ class RedisServer:
                     raise
                 time.sleep(0.05)
 
+    def _auth_config(self) -> Path:
+        """A configuration file (this user's only) with the password, which on the command
+        line would be shown to every local user by ``ps``."""
+        assert self.password is not None
+        # Redis reads a "..." string with \" and \\ escapes as JSON writes them.
+        quoted = json.dumps(self.password, ensure_ascii=False)
+        path = self.data_dir / "auth.conf"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(f"requirepass {quoted}\nmasterauth {quoted}\n")
+        return path
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM flushes the append-only file), killing it if it hangs."""
+        """Stop the server (SIGTERM flushes the append-only file), killing it if it hangs.
+
+        Redis ignores a SIGTERM that comes while it writes its first append-only file
+        (a replica just after its initial sync): the signal is repeated until it exits.
+        """
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.process.terminate()
+            try:
+                self.process.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        self.process.kill()
+        self.process.wait(timeout)
 
     def __enter__(self) -> RedisServer:
         return self.start()

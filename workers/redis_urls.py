@@ -12,6 +12,7 @@ validate with them and `workers.redis_client` connects with them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
@@ -98,15 +99,24 @@ def sentinel_url(target: SentinelTarget) -> str:
     login = f"{user}:{quote(target.password, safe='')}@" if target.password else (
         f"{user}@" if user else ""
     )  # fmt: skip
-    return ";".join(f"{SENTINEL_SCHEME}{login}{host}:{port}/{target.db}"
+    return ";".join(f"{SENTINEL_SCHEME}{login}{_bracketed(host)}:{port}/{target.db}"
                     for host, port in target.sentinels)  # fmt: skip
+
+
+def _bracketed(host: str) -> str:
+    """An IPv6 address in a URL's brackets (`urlsplit` gives it without them)."""
+    return f"[{host}]" if ":" in host else host
+
+
+# A new Sentinel part begins at ";sentinel://": a ";" inside a password does not split it.
+_PART_BOUNDARY = re.compile(r";(?=\s*sentinel://)")
+_PASSWORD_OPTION = re.compile(r"(?i)([?&]password=)[^&#]*")
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, fit for logs (every Sentinel part too)."""
-    if is_sentinel_url(url):
-        return ";".join(_redact_one(part) for part in url.split(";"))
-    return _redact_one(url)
+    parts = _PART_BOUNDARY.split(url) if is_sentinel_url(url) else [url]
+    return ";".join(_PASSWORD_OPTION.sub(r"\1***", _redact_one(part)) for part in parts)
 
 
 def _redact_one(url: str) -> str:

@@ -8,6 +8,12 @@ trade-off: a millisecond or two per accepted message with a replica on the
 same network; past the timeout the message is accepted anyway, logged and
 counted (``gpt4p_replication_wait_timeouts_total``): refused instead, an SMS
 would be lost for sure (Twilio does not retry a webhook).
+
+With Sentinels configured, a primary that has no replica online (the replica
+is down, or a failover has just happened and the old primary has not rejoined)
+cannot protect what it accepts: each message accepted so is counted
+(``gpt4p_replication_unprotected_total``) and a warning logged once a minute,
+so an operator sees the degraded state rather than trusting the guarantee.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from typing import Any, cast
 import redis
 
 from workers.metrics import Metrics
+from workers.redis_urls import is_sentinel_url
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MARK_CHANNEL = "gpt4p:replication:mark"
 REPLICA_COUNT_TTL_S = 5.0
+UNPROTECTED_WARNING_EVERY_S = 60.0
 _SHARED: weakref.WeakKeyDictionary[redis.Redis, ReplicaWait] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
 
@@ -48,13 +56,18 @@ class ReplicaWait:
     replica count is read at most every few seconds.
     """
 
-    def __init__(self, client: redis.Redis, replicas: int, timeout: float) -> None:
+    def __init__(
+        self, client: redis.Redis, replicas: int, timeout: float, expect_replicas: bool = False
+    ) -> None:
         # Weak: the process-wide table of waiters must not keep a closed client alive.
         self._client = weakref.ref(client)
         self.replicas, self.timeout = replicas, timeout
+        self.expect_replicas = expect_replicas  # Sentinels watch this Redis: a replica is due
         self._lock = threading.Lock()
         self._known: tuple[float, int] = (0.0, 0)
+        self._warned_at = -UNPROTECTED_WARNING_EVERY_S
         self.timeouts = 0  # waits that ended before enough replicas had the data
+        self.unprotected = 0  # waits with no replica online although one was expected
 
     @classmethod
     def shared(cls, client: redis.Redis, settings: Settings) -> ReplicaWait:
@@ -64,8 +77,9 @@ class ReplicaWait:
             waiter = _SHARED.get(client)
             if waiter is None:
                 waiter = _SHARED[client] = cls(
-                    client, settings.redis_wait_replicas, settings.redis_wait_timeout
-                )
+                    client, settings.redis_wait_replicas, settings.redis_wait_timeout,
+                    expect_replicas=is_sentinel_url(settings.redis_url or ""),
+                )  # fmt: skip
             return waiter
 
     @property
@@ -91,12 +105,14 @@ class ReplicaWait:
 
     def wait(self) -> bool:
         """Block until enough replicas have every write so far, or the timeout; return
-        whether they do (True without replicas). Raises Redis errors."""
+        whether they do (True when none is expected: one Redis). Raises Redis errors."""
         if self.replicas == 0:
             return True
         wanted = min(self.replicas, self._connected_replicas())
         if wanted == 0:
-            return True
+            if self.expect_replicas:
+                self._accepted_unprotected()
+            return not self.expect_replicas
         pipe = self.client.pipeline(transaction=False)  # one connection for both commands
         pipe.publish(MARK_CHANNEL, "1")
         pipe.execute_command("WAIT", wanted, max(1, int(self.timeout * 1000)))
@@ -110,3 +126,16 @@ class ReplicaWait:
         log.warning("only %d of %d replica(s) confirmed within %gs (GPT4P_REDIS_WAIT_TIMEOUT); "
                     "accepting anyway", acknowledged, wanted, self.timeout)  # fmt: skip
         return False
+
+    def _accepted_unprotected(self) -> None:
+        with self._lock:
+            self.unprotected += 1
+            now = time.monotonic()
+            warn = now - self._warned_at >= UNPROTECTED_WARNING_EVERY_S
+            if warn:
+                self._warned_at = now
+        Metrics(self.client).count("gpt4p_replication_unprotected", {})
+        if warn:
+            log.warning("the Redis primary has no replica online: messages accepted now are "
+                        "lost if it fails before a replica catches up "
+                        "(gpt4p_replication_unprotected_total counts them)")  # fmt: skip

@@ -7,17 +7,19 @@ messages workers hold, the recovery records of which worker instance holds
 which delivery tag, the ledger of sent tasks, and the stored results. A job's
 reply to a channel that answers later is its own task, ``<job id>.deliver``.
 
-Reading is O(queued + held messages): fine for an operator or a test, not for
-a hot path.
+Reading is O(queued + held messages), a thousand queued messages per round
+trip: fine for an operator or a test, not for a hot path. Entries are read as
+untrusted: one that is not what Celery writes is skipped, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -26,6 +28,7 @@ from workers.recovery import NODES_KEY, OWNERS_KEY, UNACKED_INDEX_KEY, UNACKED_K
 from workers.status import queue_depths
 
 DELIVERY_SUFFIX = ".deliver"
+QUEUE_PAGE = 1000  # queued messages read per LRANGE, so a long backlog never blocks Redis
 
 
 @dataclass
@@ -76,22 +79,48 @@ class JobWhereabouts:
         )
 
 
-def _correlation_id(raw: bytes | str) -> str | None:
-    try:
-        message = json.loads(raw)
-    except ValueError:
+def _json(raw: bytes | str | None) -> Any:
+    """`raw` decoded, or None when it is not JSON."""
+    if raw is None:
         return None
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
+
+
+def _correlation_id(raw: bytes | str) -> str | None:
+    message = _json(raw)
     if isinstance(message, list):  # an unacked record: [message, exchange, routing key]
-        message = message[0] if message else {}
-    properties = message.get("properties", {}) if isinstance(message, dict) else {}
-    correlation = properties.get("correlation_id")
+        message = message[0] if message else None
+    properties = message.get("properties") if isinstance(message, dict) else None
+    correlation = properties.get("correlation_id") if isinstance(properties, dict) else None
     return str(correlation) if correlation else None
+
+
+def _queued(client: redis.Redis, queue: str) -> Iterator[bytes]:
+    """The messages in `queue`, a page at a time."""
+    start = 0
+    while page := cast(list[bytes], client.lrange(queue, start, start + QUEUE_PAGE - 1)):
+        yield from page
+        start += QUEUE_PAGE
+
+
+def _ledgered(raw: bytes | None, now: float) -> tuple[float, int] | None:
+    """How long ago a ledger entry was (last) sent, and how often it was sent again."""
+    entry = _json(raw)
+    try:
+        return now - float(entry["at"]), int(entry.get("resent", 0))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _result(raw: bytes | None) -> str | None:
     if raw is None:
         return None
-    meta = json.loads(raw)
+    meta = _json(raw)
+    if not isinstance(meta, dict):
+        return "unreadable"
     state = str(meta.get("status"))
     result = meta.get("result")
     if state == "SUCCESS" and isinstance(result, dict) and "status" in result:
@@ -106,18 +135,19 @@ def locate_tasks(client: redis.Redis, task_ids: Iterable[str]) -> dict[str, Task
     found = {task_id: TaskWhereabouts(task_id) for task_id in task_ids}
     now = time.time()
     for queue in queue_depths(client):
-        for raw in cast(list[bytes], client.lrange(queue, 0, -1)):
+        for raw in _queued(client, queue):
             entry = found.get(_correlation_id(raw) or "")
             if entry is not None:
                 entry.queued_in.append(queue)
     raw_owners = cast(dict[bytes, bytes], client.hgetall(OWNERS_KEY))
-    owners = {tag.decode(): owner.decode() for tag, owner in raw_owners.items()}
+    owners = {tag.decode(errors="replace"): owner.decode(errors="replace")
+              for tag, owner in raw_owners.items()}  # fmt: skip
     beats = dict(cast(list[tuple[bytes, float]], client.zrange(NODES_KEY, 0, -1, withscores=True)))
     for raw_tag, raw in cast(dict[bytes, bytes], client.hgetall(UNACKED_KEY)).items():
         entry = found.get(_correlation_id(raw) or "")
         if entry is None:
             continue
-        tag = raw_tag.decode()
+        tag = raw_tag.decode(errors="replace")
         owner = owners.get(tag)
         if owner is None:
             entry.held_by = "a worker that never recorded itself"
@@ -139,10 +169,11 @@ def locate_tasks(client: redis.Redis, task_ids: Iterable[str]) -> dict[str, Task
         ids, ledger, missing, results, strict=True
     ):
         entry = found[task_id]
-        if entry_raw:  # its arguments (the conversation) stay out of the report
-            ledgered = json.loads(entry_raw)
-            entry.ledgered_s, entry.resent = now - float(ledgered["at"]), ledgered["resent"]
-        entry.missing_since_s = now - float(missing_raw) if missing_raw else None
+        ledgered = _ledgered(entry_raw, now)  # its arguments (the conversation) stay out
+        if ledgered is not None:
+            entry.ledgered_s, entry.resent = ledgered
+        with contextlib.suppress(TypeError, ValueError):
+            entry.missing_since_s = now - float(missing_raw) if missing_raw else None
         entry.result = _result(result_raw)
     return found
 

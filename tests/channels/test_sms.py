@@ -58,16 +58,9 @@ def text(
     **extra: str,
 ) -> httpx.Response:
     """Post the webhook Twilio posts when `sender` texts `body`, signed as Twilio signs it."""
-    params = {
-        "MessageSid": sid or new_sid(), "AccountSid": twilio.account_sid, "From": sender,
-        "To": "+15550000000", "Body": body, "NumMedia": "0", **extra,
-    }  # fmt: skip
     url = f"{base}/sms"
-    headers = {}
-    if sign:
-        signature = RequestValidator(twilio.auth_token).compute_signature(url, params)
-        headers["X-Twilio-Signature"] = signature
-    return httpx.post(url, data=params, headers=headers, timeout=30)
+    params, headers = twilio.webhook(url, sender, body, sid or new_sid(), **extra)
+    return httpx.post(url, data=params, headers=headers if sign else {}, timeout=30)
 
 
 def replies(twilio: TwilioRecorder, number: str, count: int) -> list[str]:
@@ -348,15 +341,11 @@ def test_a_text_arriving_while_redis_is_silent_is_spooled_within_twilios_timeout
         redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", state_dir=tmp_path,
         twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
     )  # type: ignore[arg-type]  # fmt: skip
-    params = {"MessageSid": new_sid(), "AccountSid": twilio.account_sid, "From": "+15557770000",
-              "To": "+15550000000", "Body": "anyone there?", "NumMedia": "0"}  # fmt: skip
-    signature = RequestValidator(twilio.auth_token).compute_signature(
-        "http://testserver/sms", params
-    )
+    params, headers = twilio.webhook("http://testserver/sms", "+15557770000", "anyone there?")
     try:
         with TestClient(create_app(settings)) as web:
             started = time.monotonic()
-            response = web.post("/sms", data=params, headers={"X-Twilio-Signature": signature})
+            response = web.post("/sms", data=params, headers=headers)
             answered_in = time.monotonic() - started
             assert response.status_code == 200
             assert len(web.app.state.spool) == 1  # kept, to be handed over once Redis answers

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from fastapi.testclient import TestClient
-from twilio.request_validator import RequestValidator
 
 from channels.web import create_app
 from tests.channels.twilio_recorder import TwilioRecorder
@@ -26,12 +23,9 @@ def web(redis_server: RedisServer, twilio: TwilioRecorder) -> TestClient:
 
 
 def post_signed(web: TestClient, twilio: TwilioRecorder, signed_url: str) -> int:
-    params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": twilio.account_sid,
-              "From": "+15559990000", "To": "+15550000000", "Body": "hi",
-              "NumMedia": "0"}  # fmt: skip
-    signature = RequestValidator(twilio.auth_token).compute_signature(signed_url, params)
+    params, headers = twilio.webhook(signed_url, "+15559990000", "hi")
     with web:
-        response = web.post("/sms", data=params, headers={"X-Twilio-Signature": signature})
+        response = web.post("/sms", data=params, headers=headers)
     return response.status_code
 
 

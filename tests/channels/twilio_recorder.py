@@ -5,6 +5,8 @@ delivery worker's real twilio client is pointed here with GPT4P_TWILIO_API_BASE.
 It speaks the same protocol (form-encoded POST to
 ``/2010-04-01/Accounts/{AccountSid}/Messages.json``, basic auth, JSON answers
 and Twilio's error bodies) and can be told to fail for a recipient.
+`TwilioRecorder.webhook` is the other direction: the signed form Twilio posts
+to our webhook when somebody texts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from twilio.request_validator import RequestValidator
+
+OUR_NUMBER = "+15550000000"  # the Twilio number people text, in every test
 
 
 @dataclass
@@ -59,6 +64,17 @@ class TwilioRecorder:
             return [
                 c.form["Body"] for c in self.calls if c.form.get("To") == to and c.status == 201
             ]
+
+    def webhook(
+        self, url: str, sender: str, body: str, sid: str | None = None, **extra: str
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The form and headers Twilio posts to the webhook at `url` when `sender` texts
+        `body` to our number, signed with this account's token."""
+        params = {"MessageSid": sid or "SM" + uuid.uuid4().hex, "AccountSid": self.account_sid,
+                  "From": sender, "To": OUR_NUMBER, "Body": body, "NumMedia": "0",
+                  **extra}  # fmt: skip
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        return params, {"X-Twilio-Signature": signature}
 
     def attempts(self, to: str) -> list[Call]:
         """Every send attempted to `to`."""

@@ -14,14 +14,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from twilio.request_validator import RequestValidator
 
 from channels.web import create_app
 from tests.channels.twilio_recorder import TwilioRecorder
@@ -94,7 +92,8 @@ def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
         witness.wait(lambda: cluster.primary_port() != old_primary, 60, "the failover")
         witness.event(f"Sentinels promoted port {cluster.primary_port()}")
         sender.join(120)
-        assert statuses == [200] * TEXTS  # Twilio always got its normal answer
+        # Twilio always got its normal answer
+        assert statuses == [200] * TEXTS, f"webhook answers {statuses}\n{witness.report()}"
         witness.wait(lambda: len(first_answer) == TEXTS, 120, "every accepted text to be answered")
 
         def drained() -> bool:
@@ -102,6 +101,12 @@ def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
             return queued + client.hlen("gpt4p:ledger") == 0
 
         witness.wait(drained, 60, "the queues and the ledger to drain")
+        # The promoted primary has no replica (the old one is dead): what it accepted is
+        # not protected against a second failover, and the operator is told so.
+        counters = client.hgetall("gpt4p:metrics:counters")
+        unprotected = [int(v) for k, v in counters.items()
+                       if k.startswith(b"gpt4p_replication_unprotected")]  # fmt: skip
+        assert unprotected and unprotected[0] >= 1, counters
     finally:
         done.set()
         sender.join(60)
@@ -109,13 +114,13 @@ def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
         for process in (web, *workers.values()):
             stop_process(process)
     counts = [len(twilio.delivered(n)) for n in numbers]
+    assert counts == [1] * TEXTS, witness.report()
     after = [t - killed_at for t in first_answer.values() if t > killed_at]
     later = [first_answer[n] - killed_at for n in numbers if sent_at[n] > killed_at]
     print(f"\nsentinel failover: {TEXTS} SMS, answers={sum(counts)}, "
           f"duplicates={sum(c - 1 for c in counts if c > 1)}, next answer {min(after):.1f}s "
           f"after the kill, first answer to a text sent after it {min(later):.1f}s, "
           f"all answered {max(after):.1f}s after it")  # fmt: skip
-    assert counts == [1] * TEXTS, witness.report()
 
 
 def test_replica_wait_confirms_a_write_and_gives_up_on_a_stalled_replica(
@@ -159,6 +164,16 @@ def test_without_replicas_nothing_is_waited_for(tmp_path: Path) -> None:
         assert waiter.wait()
         assert time.monotonic() - started < 1  # not the 5 s timeout
         assert waiter.timeouts == 0
+        assert not client.hgetall("gpt4p:metrics:counters")  # one Redis is not "degraded"
+        # With Sentinels configured, a primary without a replica is a degraded state: each
+        # message it accepts is counted, since nothing protects it from the next failover.
+        degraded = ReplicaWait(client, replicas=1, timeout=5, expect_replicas=True)
+        assert not degraded.wait()
+        assert not degraded.wait()
+        assert degraded.unprotected == 2
+        counters = client.hgetall("gpt4p:metrics:counters")
+        assert [int(v) for k, v in counters.items()
+                if k.startswith(b"gpt4p_replication_unprotected")] == [2]  # fmt: skip
         client.close()
 
 
@@ -172,17 +187,12 @@ def test_the_webhook_answers_twilio_only_after_waiting_for_the_replica(
         twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
     )  # type: ignore[arg-type]  # fmt: skip
     primary = redis.Redis(port=cluster.primary.port, password=REDIS_PASSWORD, socket_timeout=5)
-    params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": twilio.account_sid,
-              "From": "+15558880000", "To": "+15550000000", "Body": "wait for me",
-              "NumMedia": "0"}  # fmt: skip
-    signature = RequestValidator(twilio.auth_token).compute_signature(
-        "http://testserver/sms", params
-    )
+    params, headers = twilio.webhook("http://testserver/sms", "+15558880000", "wait for me")
     assert cluster.replica.process is not None
     os.kill(cluster.replica.process.pid, signal.SIGSTOP)
     try:
         with TestClient(create_app(settings)) as web:
-            response = web.post("/sms", data=params, headers={"X-Twilio-Signature": signature})
+            response = web.post("/sms", data=params, headers=headers)
         assert response.status_code == 200
         counters = primary.hgetall("gpt4p:metrics:counters")
         waited = [v for k, v in counters.items() if b"gpt4p_replication_wait_timeouts" in k]
@@ -191,3 +201,39 @@ def test_the_webhook_answers_twilio_only_after_waiting_for_the_replica(
     finally:
         os.kill(cluster.replica.process.pid, signal.SIGCONT)
         primary.close()
+
+
+def test_a_part_whose_replica_wait_fails_is_sent_at_once_by_the_retry(
+    tmp_path: Path, twilio: TwilioRecorder
+) -> None:
+    # The wait before an SMS send fails (here the primary refuses WAIT; in life, the
+    # connection breaks in a failover). Nothing was sent, so the part's claim is released
+    # and the task's retry sends it now, not after the in-flight claim goes stale.
+    from channels.sms_delivery import TwilioSender, send_parts
+    from channels.sms_state import SmsState
+    from workers.contract import Reply
+    from workers.redis_server import RedisServer
+
+    primary = RedisServer(tmp_path / "primary",
+                          extra_args=["--rename-command", "WAIT", "WAIT-DISABLED"])  # fmt: skip
+    replica = RedisServer(tmp_path / "replica",
+                          extra_args=["--replicaof", "127.0.0.1", str(primary.port)])  # fmt: skip
+    to = "+15557770000"
+    reply = Reply(job_id="sms-SMwaitfails", channel="sms", reply_to=to, reply_from="+15550000000",
+                  text="sent once", model="m", engine="echo")  # fmt: skip
+    settings = Settings(redis_url=primary.url, twilio_account_sid=twilio.account_sid,
+                        twilio_auth_token=twilio.auth_token, twilio_api_base=twilio.url,
+                        twilio_from="+15550000000")  # type: ignore[arg-type]  # fmt: skip
+    with primary, replica, redis_client(primary.url, socket_timeout=5) as client:
+        wait_for(lambda: client.info("replication")["connected_slaves"] == 1, 30,
+                 "the replica to connect")  # fmt: skip
+        with pytest.raises(redis.ResponseError):
+            send_parts(reply, TwilioSender(settings), SmsState(client, settings), max_parts=3)
+        assert twilio.attempts(to) == []
+        # The retry, on a connection whose wait works (no replica asked for, to keep it short).
+        retry_settings = settings.model_copy(update={"redis_wait_replicas": 0})
+        with redis_client(primary.url, socket_timeout=5) as retry_client:
+            sent = send_parts(reply, TwilioSender(retry_settings),
+                              SmsState(retry_client, retry_settings), max_parts=3)  # fmt: skip
+    assert sent == 1
+    assert twilio.delivered(to) == ["sent once"]

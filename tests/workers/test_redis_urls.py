@@ -49,3 +49,24 @@ def test_celery_gets_the_master_name_and_the_sentinels_password_only_for_sentine
     assert 0 < options["sentinel_kwargs"]["socket_connect_timeout"] <= 5
     assert 0 < options["sentinel_kwargs"]["socket_timeout"] <= 5
     assert celery_transport_options("redis://r:6379/0", settings) == {}
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("sentinel://:p;w@s1:26379;sentinel://s2:26379/0", "p;w"),  # ";" in a password
+        ("redis://r:6379/0?password=hunter2&socket_timeout=5", "hunter2"),
+        ("REDIS://R:6379/0?db=1&Password=hunter2", "hunter2"),
+    ],
+)
+def test_no_way_of_writing_a_password_gets_it_into_a_log_line(url: str, secret: str) -> None:
+    redacted = redact_url(url)
+    assert secret not in redacted
+    assert "***" in redacted
+
+
+def test_an_ipv6_sentinel_keeps_its_brackets() -> None:
+    settings = Settings(redis_url="sentinel://:pw@[::1]:26379/0;sentinel://[fd00::2]")
+    assert settings.redis_url == "sentinel://:pw@[::1]:26379/0;sentinel://:pw@[fd00::2]:26379/0"
+    assert parse_sentinel_url(settings.redis_url).sentinels == [("::1", 26379),
+                                                                ("fd00::2", 26379)]  # fmt: skip
