@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+import os
+import threading
 
 import redis
 from celery import Celery
@@ -27,14 +28,40 @@ def _structured_logs(logger: logging.Logger, **_: object) -> None:
         configure_handler(handler, get_settings().log_format)
 
 
-@lru_cache(maxsize=1)
+_broker_client: redis.Redis | None = None
+_broker_client_lock = threading.Lock()
+_inherited_clients: list[redis.Redis] = []
+
+
 def broker_redis() -> redis.Redis:
     """This process's client of the broker's Redis, for GPT4People's own records.
 
-    One thread-safe connection pool per process (redis-py resets it after a fork),
-    shared by heartbeats, recovery, metrics, streaming and deliveries.
+    One thread-safe connection pool per process, shared by heartbeats, recovery,
+    metrics, streaming and deliveries. A forked pool process makes its own and
+    never touches the one it inherited: redis-py resets an inherited pool under
+    the pool's lock, and a thread of the parent (heartbeats, recovery) may have
+    held that lock at the instant of the fork, so the child would wait for it
+    forever (seen: a replacement pool process, forked after its predecessor was
+    killed, hung before its first job).
     """
-    return redis_client(str(app.conf.broker_url), socket_timeout=10, socket_connect_timeout=5)
+    global _broker_client
+    with _broker_client_lock:
+        if _broker_client is None:
+            _broker_client = redis_client(
+                str(app.conf.broker_url), socket_timeout=10, socket_connect_timeout=5
+            )
+        return _broker_client
+
+
+def _forget_inherited_client() -> None:
+    global _broker_client, _broker_client_lock
+    if _broker_client is not None:
+        # Kept referenced: closing it, or letting it be collected, would take its locks.
+        _inherited_clients.append(_broker_client)
+    _broker_client, _broker_client_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_client)
 
 
 def celery_for(settings: Settings) -> Celery:
