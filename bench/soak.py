@@ -49,7 +49,6 @@ import redis
 
 from bench.soak_traffic import (
     EMAIL_FROM,
-    TWILIO_FROM,
     Clock,
     Inbox,
     Record,
@@ -60,8 +59,10 @@ from bench.soak_traffic import (
     settled,
 )
 from tests.channels.mail_servers import DOVECOT
+from tests.channels.twilio_recorder import OUR_NUMBER
 from tests.conftest import base_env, ping_worker, stop_process
 from workers.ledger import LEDGER_KEY
+from workers.recovery import UNACKED_KEY
 from workers.redis_server import RedisServer, free_port
 from workers.status import queue_depths
 
@@ -271,7 +272,7 @@ class Stack:
                 )
                 shot["queues"] = known | queue_depths(client)
                 shot["ledger"] = int(client.hlen(LEDGER_KEY))  # type: ignore[arg-type]
-                shot["unacked"] = int(client.hlen("unacked"))  # type: ignore[arg-type]
+                shot["unacked"] = int(client.hlen(UNACKED_KEY))  # type: ignore[arg-type]
         except redis.RedisError as error:
             shot["redis_error"] = str(error)
         finally:
@@ -289,7 +290,7 @@ def _env(
         n_threads=str(max(1, (os.cpu_count() or 2) // args.workers)), max_tokens="32",
         job_timeout=str(JOB_TIMEOUT_S), task_time_limit="60", task_soft_time_limit="45",
         twilio_account_sid=recorder.account_sid, twilio_auth_token=recorder.auth_token,
-        twilio_from=TWILIO_FROM, twilio_api_base=recorder.url, sms_retry_backoff="0.5",
+        twilio_from=OUR_NUMBER, twilio_api_base=recorder.url, sms_retry_backoff="0.5",
         sms_max_tokens="24", sms_rate_limit="100000", email_rate_limit="100000",
         smtp_host=smtp.host, smtp_port=str(smtp.port), smtp_starttls="false",
         email_from=EMAIL_FROM, email_retry_backoff="0.5", email_poll_seconds="2",

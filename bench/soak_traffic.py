@@ -29,10 +29,9 @@ import httpx
 from channels.email import digest
 from tests.channels import mail_servers
 from tests.channels.mail_servers import Dovecot, SmtpCapture
-from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder, running_recorder
+from tests.channels.twilio_recorder import TwilioRecorder, running_recorder
 
 EMAIL_FROM = "soak@gpt4people.test"
-TWILIO_FROM = OUR_NUMBER  # what the webhook form names as the number texted
 ANSWER_TOKENS = 24
 QUESTIONS = (
     "What is the capital of France?", "Name a colour of the sky.", "How many legs has a cat?",

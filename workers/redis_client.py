@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.sentinel as async_sentinel
 import redis.sentinel
 
-from workers.redis_urls import SentinelTarget, is_sentinel_url, parse_sentinel_url
+from workers.redis_urls import is_sentinel_url, parse_sentinel_url
 from workers.settings import Settings, get_settings
 
 # A Sentinel answers "where is the primary?" in a millisecond; one whose host is gone
@@ -43,16 +43,19 @@ def celery_transport_options(url: str, settings: Settings) -> dict[str, Any]:
             "sentinel_kwargs": _sentinel_kwargs(settings)}  # fmt: skip
 
 
-def _sentinel_manager(
-    target: SentinelTarget, settings: Settings, options: dict[str, Any], asynchronous: bool
+def _sentinel_primary(
+    url: str, settings: Settings | None, options: dict[str, Any], asynchronous: bool
 ) -> Any:
+    """A client (sync or asyncio) of the primary the Sentinels of `url` name, found anew
+    after each failed connection."""
+    settings = settings or get_settings()
+    target = parse_sentinel_url(url)
     kind = async_sentinel.Sentinel if asynchronous else redis.sentinel.Sentinel
-    return kind(target.sentinels, sentinel_kwargs=_sentinel_kwargs(settings), **options)
-
-
-def _primary_options(target: SentinelTarget, options: dict[str, Any]) -> dict[str, Any]:
+    manager = kind(target.sentinels, sentinel_kwargs=_sentinel_kwargs(settings), **options)
     login = {"username": target.username, "password": target.password}
-    return {**options, "db": target.db, **{k: v for k, v in login.items() if v is not None}}
+    primary_options = {**options, "db": target.db,
+                       **{k: v for k, v in login.items() if v is not None}}  # fmt: skip
+    return manager.master_for(settings.redis_master_name, **primary_options)
 
 
 def redis_client(url: str, settings: Settings | None = None, **options: Any) -> redis.Redis:
@@ -60,11 +63,7 @@ def redis_client(url: str, settings: Settings | None = None, **options: Any) -> 
     a Sentinel URL. `options` are redis-py connection options (timeouts)."""
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
-    settings = settings or get_settings()
-    target = parse_sentinel_url(url)
-    manager = _sentinel_manager(target, settings, options, asynchronous=False)
-    primary = manager.master_for(settings.redis_master_name, **_primary_options(target, options))
-    return cast(redis.Redis, primary)
+    return cast(redis.Redis, _sentinel_primary(url, settings, options, asynchronous=False))
 
 
 def async_redis_client(
@@ -73,11 +72,7 @@ def async_redis_client(
     """`redis_client` for asyncio code (the web app)."""
     if not is_sentinel_url(url):
         return aioredis.Redis.from_url(url, **options)
-    settings = settings or get_settings()
-    target = parse_sentinel_url(url)
-    manager = _sentinel_manager(target, settings, options, asynchronous=True)
-    primary = manager.master_for(settings.redis_master_name, **_primary_options(target, options))
-    return cast(aioredis.Redis, primary)
+    return cast(aioredis.Redis, _sentinel_primary(url, settings, options, asynchronous=True))
 
 
 def _sentinels_of(client: redis.Redis | aioredis.Redis) -> list[Any]:
