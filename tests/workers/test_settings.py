@@ -77,3 +77,38 @@ def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings()
     assert settings.twilio_account_sid is None
     assert settings.http_api_key is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("GPT4P_HTTP_API_KEY", "   "), ("GPT4P_HTTP_API_KEY", "short-key"),
+     ("GPT4P_HTTP_API_KEYS", "a-key-of-twenty-chars,short"), ("GPT4P_HTTP_API_KEYS", " , ")],
+)  # fmt: skip
+def test_a_blank_or_short_api_key_is_refused_without_being_shown(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # A blank key would silently leave every endpoint open; a short one can be guessed.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=f"{variable}: .*16 characters") as refused:
+        load_settings()
+    assert "short" not in str(refused.value)
+
+
+def test_a_list_of_long_api_keys_may_end_with_a_comma(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT4P_HTTP_API_KEYS", "key-of-client-a-0001,key-of-client-b-0002,")
+    keys = load_settings().http_api_keys
+    assert keys is not None and keys.get_secret_value().startswith("key-of-client-a")
+
+
+def test_requiring_email_auth_needs_our_servers_authserv_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without the id nothing counts as authenticated: the mailbox would answer no one.
+    monkeypatch.delenv("GPT4P_EMAIL_AUTHSERV_ID", raising=False)
+    monkeypatch.setenv("GPT4P_EMAIL_REQUIRE_AUTH", "true")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "GPT4P_EMAIL_REQUIRE_AUTH" in str(refused.value)
+    assert "GPT4P_EMAIL_AUTHSERV_ID" in str(refused.value)
+    monkeypatch.setenv("GPT4P_EMAIL_AUTHSERV_ID", "mx.example.com")
+    assert load_settings().email_require_auth
