@@ -86,10 +86,13 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from tests.conftest import base_env, start_worker, stop_process
-    from workers.redis_server import RedisServer
+    from workers.redis_server import RedisServer, new_password
 
-    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
-        base = f"redis://{server.host}:{server.port}"
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisServer(Path(tmp) / "redis", password=new_password()) as server,
+    ):
+        base = server.url.removesuffix("/0")  # with the password; + "/<db>"
         echo_env = base_env(Path(tmp), redis_url=f"{base}/0", engine="echo")
         model_env = base_env(Path(tmp), redis_url=f"{base}/1", engine="llama")
         workers = [start_worker(echo_env, "echo@bench"), start_worker(model_env, "model@bench")]

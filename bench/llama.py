@@ -200,10 +200,10 @@ def gpt4people(tmp: Path, threads: int, parallel: int) -> Iterator[tuple[str, st
     """Redis, one batched model worker, one echo worker and the web app: (base URL, redis)."""
     sys.path.insert(0, str(ROOT))
     from tests.conftest import base_env, start_web, start_worker, stop_process
-    from workers.redis_server import RedisServer, free_port
+    from workers.redis_server import RedisServer, free_port, new_password
 
-    with RedisServer(tmp / "redis") as server:
-        url = f"redis://{server.host}:{server.port}"
+    with RedisServer(tmp / "redis", password=new_password()) as server:
+        url = server.url.removesuffix("/0")  # with the password; + "/<db>"
         env = base_env(tmp, redis_url=f"{url}/0", engine="llama", parallel=str(parallel),
                        n_ctx=str(N_CTX), n_threads=str(threads), max_tokens="512",
                        log_level="WARNING")  # fmt: skip

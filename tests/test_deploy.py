@@ -11,7 +11,9 @@ import re
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from tests.conftest import ROOT
 from workers.redis_urls import parse_sentinel_url
@@ -34,7 +36,7 @@ def test_compose_has_redis_a_worker_the_web_app_and_flower() -> None:
     assert "--requirepass" in services["redis"]["command"]
     assert services["worker-cpu"]["command"][:2] == ["gpt4people", "worker"]
     assert "channels.web:create_app" in services["web"]["command"]
-    assert any(arg.startswith("--basic-auth=") for arg in services["flower"]["command"])
+    assert services["flower"]["command"] == ["gpt4people", "flower"]
 
 
 def test_every_app_service_reaches_the_same_password_protected_redis() -> None:
@@ -86,6 +88,9 @@ def test_gpu_workers_reserve_their_own_gpu_and_consume_its_queue() -> None:
         assert "gpu" in device["capabilities"]
 
 
+API_KEY = "an-api-key-of-24-chars-x"
+
+
 def compose_config(**variables: str) -> subprocess.CompletedProcess[str]:
     """`docker-compose config`: Compose's own parser and validator (no engine needed)."""
     ours = ("GPT4P_", "REDIS_", "FLOWER_")
@@ -96,7 +101,7 @@ def compose_config(**variables: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_docker_compose_itself_accepts_the_file() -> None:
-    done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="pw2")
+    done = compose_config(REDIS_PASSWORD="pw", GPT4P_HTTP_API_KEY=API_KEY, FLOWER_PASSWORD="pw2")
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
     assert (
@@ -126,7 +131,7 @@ def test_the_ha_profile_adds_a_replica_and_three_sentinels_that_every_service_ca
         assert "[ -f /data/sentinel.conf ] ||" in script
         assert services[name]["volumes"] == [f"{name}-data:/data"]
     sentinel_hosts = "sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
-    done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="pw2", REDIS_SCHEME="sentinel",
+    done = compose_config(REDIS_PASSWORD="pw", GPT4P_HTTP_API_KEY=API_KEY, FLOWER_PASSWORD="pw2", REDIS_SCHEME="sentinel",
                           REDIS_HOSTS=sentinel_hosts)  # fmt: skip
     assert done.returncode == 0, done.stderr
     environment = yaml.safe_load(done.stdout)["services"]["web"]["environment"]
@@ -135,3 +140,49 @@ def test_the_ha_profile_adds_a_replica_and_three_sentinels_that_every_service_ca
     target = parse_sentinel_url(settings.redis_url or "")
     assert target.sentinels == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
     assert (target.password, settings.redis_master_name) == ("pw", "mymaster")
+
+
+def _published(port: str | dict[str, Any]) -> tuple[str, str]:
+    """(host address, container port) of a `ports:` entry, short or long form."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port["target"])
+    # 127.0.0.1:5555:5555/tcp, or 127.0.0.1:${GPT4P_FLOWER_PORT:-5555}:5555 unresolved
+    return port.split(":", 1)[0], port.rsplit(":", 1)[1].split("/")[0]
+
+
+def test_flower_is_published_on_the_hosts_loopback_only_and_always_with_a_login() -> None:
+    flower = compose()["services"]["flower"]
+    assert [_published(port) for port in flower["ports"]] == [("127.0.0.1", "5555")]
+    login = flower["environment"]["GPT4P_FLOWER_BASIC_AUTH"]
+    assert re.fullmatch(r"\$\{FLOWER_USER:-admin\}:\$\{FLOWER_PASSWORD:\?[^}]+\}", login)
+    # The login travels in the environment: a --basic-auth argument shows in `ps`.
+    assert not any("auth" in str(arg) for arg in flower["command"])
+    done = compose_config(
+        REDIS_PASSWORD="pw", GPT4P_HTTP_API_KEY=API_KEY, FLOWER_PASSWORD="a-long-flower-password"
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]["flower"]
+    assert [_published(port) for port in resolved["ports"]] == [("127.0.0.1", "5555")]
+    assert resolved["environment"]["GPT4P_FLOWER_BASIC_AUTH"] == "admin:a-long-flower-password"
+
+
+def test_compose_does_not_start_without_an_api_key_for_its_public_web_port() -> None:
+    web = compose()["services"]["web"]
+    assert {host for host, _ in map(_published, web["ports"])} != {"127.0.0.1"}  # public
+    done = compose_config(REDIS_PASSWORD="pw", FLOWER_PASSWORD="a-long-flower-password")
+    assert done.returncode != 0
+    assert "GPT4P_HTTP_API_KEY" in done.stderr
+
+
+def test_compose_does_not_start_with_the_example_flower_password() -> None:
+    example = (ROOT / ".env.example").read_text()
+    values = dict(re.findall(r"^(\w+)=(.*)$", example, flags=re.MULTILINE))
+    assert values["GPT4P_HTTP_API_KEY"] == ""  # the example's key is empty too, on purpose
+    done = compose_config(**{**values, "GPT4P_HTTP_API_KEY": API_KEY})
+    assert done.returncode != 0
+    assert "FLOWER_PASSWORD" in done.stderr
+    # An .env kept from before (its example password) or a short one: Flower refuses it.
+    for password in ("change-me-too", "change-me", "short-pw123"):
+        with pytest.raises(ValidationError, match=r"flower_basic_auth"):
+            Settings(flower_basic_auth=f"admin:{password}")
+    assert Settings(flower_basic_auth="admin:a-long-flower-password").flower_basic_auth

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from workers.logs import configure_logging
 from workers.model_files import ModelNotFoundError
+from workers.redis_urls import redact_text, scrub, url_secrets
 from workers.settings import Settings, SettingsError, get_settings
 
 EXIT_SETTINGS = 2
@@ -183,6 +184,34 @@ def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+# Flower options an inherited environment must not decide: the address and the login are
+# GPT4People's settings, checked before Flower starts.
+FLOWER_ENV_OVERRIDES = ("FLOWER_ADDRESS", "FLOWER_PORT", "FLOWER_BASIC_AUTH",
+                        "FLOWER_UNAUTHENTICATED_API")  # fmt: skip
+
+
+def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.supervisor import StackError, check_flower_exposure
+
+    try:
+        check_flower_exposure(settings)
+    except StackError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_ENV_OVERRIDES}
+    if settings.flower_basic_auth is not None:
+        # Flower reads FLOWER_BASIC_AUTH from its environment, which only this user can
+        # read (/proc/PID/environ); an argument would be in every user's `ps`.
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers", "flower",
+        f"--port={settings.flower_port}", f"--address={settings.flower_host}",
+        "--loglevel=WARNING",
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
 def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:
     import signal as signals
 
@@ -248,8 +277,19 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.job:
         return _job_status(args, settings)
     report = collect_status(settings, timeout=args.timeout)
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    text = json.dumps(report, indent=2) if args.json else format_status(report)
+    print(scrub(text, _secrets(settings)))
     return 0 if report["redis"]["up"] else EXIT_REDIS
+
+
+def _secrets(settings: Settings) -> set[str]:
+    """Every password this process knows, in each form it could be written, to mask."""
+    from workers.redis_server import resolve_redis_url
+
+    found = url_secrets(resolve_redis_url(settings))
+    if settings.redis_sentinel_password is not None:
+        found.add(settings.redis_sentinel_password.get_secret_value())
+    return found
 
 
 def _job_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -266,8 +306,8 @@ def _job_status(args: argparse.Namespace, settings: Settings) -> int:
                           socket_connect_timeout=3) as client:  # fmt: skip
             found = locate_jobs(client, args.job)
     except redis.RedisError as error:
-        raise CliError(f"Redis unreachable ({error.__class__.__name__}: {error})",
-                       EXIT_REDIS) from None  # fmt: skip
+        raise CliError(scrub(f"Redis unreachable ({error.__class__.__name__}: {error})",
+                             _secrets(settings)), EXIT_REDIS) from None  # fmt: skip
     if args.json:
         print(json.dumps({job: dataclasses.asdict(where) for job, where in found.items()},
                          indent=2))  # fmt: skip
@@ -325,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     helpers.add_argument("--json", action="store_true", help="print the list as JSON")
     helpers.set_defaults(handler=_cmd_helpers)
 
+    flower = commands.add_parser(
+        "flower", help="run Flower (GPT4P_FLOWER_HOST, GPT4P_FLOWER_PORT, GPT4P_FLOWER_BASIC_AUTH)"
+    )
+    flower.set_defaults(handler=_cmd_flower)
+
     email = commands.add_parser("email", help="answer mail: watch the IMAP mailbox (GPT4P_IMAP_*)")
     email.set_defaults(handler=_cmd_email)
 
@@ -370,10 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         return int(args.handler(args, settings))
     except (SettingsError, ModelNotFoundError) as error:
-        print(f"gpt4people: {error}", file=sys.stderr)
+        print(f"gpt4people: {redact_text(str(error))}", file=sys.stderr)
         return EXIT_SETTINGS
     except CliError as error:
-        print(f"gpt4people: {error}", file=sys.stderr)
+        print(f"gpt4people: {redact_text(str(error))}", file=sys.stderr)
         return error.status
     except KeyboardInterrupt:
         return 130

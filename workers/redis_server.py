@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from urllib.parse import quote
 import redis
 
 from workers.redis_client import redis_client
-from workers.redis_urls import redact_url
+from workers.redis_urls import redact_text, redact_url
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ RUNTIME_FILE_NAME = "redis.url"
 
 class RedisUnavailableError(RuntimeError):
     """Redis could not be reached (or started) in time; the message says where and why."""
+
+
+def new_password() -> str:
+    """A random Redis password (256 bits, URL-safe) for a server no one else should reach."""
+    return secrets.token_urlsafe(32)
 
 
 def redis_binary() -> str:
@@ -67,7 +73,8 @@ def ping(url: str, timeout: float = 2.0) -> None:
         client.ping()
     except redis.RedisError as error:
         raise RedisUnavailableError(
-            f"Redis at {redact_url(url)} is unreachable ({error.__class__.__name__}: {error})"
+            f"Redis at {redact_url(url)} is unreachable "
+            f"({error.__class__.__name__}: {redact_text(str(error))})"
         ) from None
     finally:
         client.close()
@@ -98,12 +105,16 @@ class RedisServer:
     @property
     def url(self) -> str:
         """The URL clients use, database 0."""
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        """The URL of database `db`, with the password when the server has one."""
         login = f":{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{login}{self.host}:{self.port}/0"
+        return f"redis://{login}{self.host}:{self.port}/{db}"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_private()
         command = [
             redis_binary(),
             *([str(self._auth_config())] if self.password else []),
@@ -117,7 +128,11 @@ class RedisServer:
             "--logfile", str(self.data_dir / "redis.log"),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        # umask 077: the append-only files and the log hold numbers and prompts; only
+        # this user may read them, whatever the umask of the shell that started us.
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -133,6 +148,14 @@ class RedisServer:
                     self.stop()
                     raise
                 time.sleep(0.05)
+
+    def _make_private(self) -> None:
+        """The data folder (0700) and what an older run left in it (0600): this user's only."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        for path in self.data_dir.rglob("*"):  # Redis 7 keeps its AOF in a folder
+            if not path.is_symlink():
+                path.chmod(0o700 if path.is_dir() else 0o600)
 
     def _auth_config(self) -> Path:
         """A configuration file (this user's only) with the password, which on the command
@@ -182,8 +205,11 @@ def write_runtime_url(settings: Settings, url: str) -> None:
     path = runtime_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{url}\n{os.getpid()}\n", encoding="utf-8")
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    # Created 0600, not chmod-ed after: the URL holds the password from the first byte.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(f"{url}\n{os.getpid()}\n")
     tmp.replace(path)
 
 

@@ -10,7 +10,7 @@ from workers.contract import INFERENCE_QUEUE
 from workers.model_files import model_label
 from workers.redis_client import redis_client
 from workers.redis_server import resolve_redis_url
-from workers.redis_urls import redact_url
+from workers.redis_urls import redact_text, redact_url
 from workers.settings import Settings
 
 QUEUE_PATTERNS = (f"{INFERENCE_QUEUE}.*", "deliver.*", "helper.*")
@@ -60,7 +60,7 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         report["redis"]["up"] = True
         report["queues"] = queue_depths(client)
     except redis.RedisError as error:
-        report["redis"]["error"] = f"{error.__class__.__name__}: {error}"
+        report["redis"]["error"] = redact_text(f"{error.__class__.__name__}: {error}")
         return report
     finally:
         client.close()

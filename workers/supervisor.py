@@ -11,24 +11,28 @@ flushed). Anything still alive after the grace period is killed.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from workers.redis_server import (
     RedisServer,
+    new_password,
     ping,
     remove_runtime_url,
     running_up_pid,
     write_runtime_url,
 )
-from workers.redis_urls import redact_url
+from workers.redis_urls import redact_url, scrub, url_secrets
 from workers.settings import Settings
 
 BUILT_IN_HELPERS = ("calc", "image", "time")
@@ -45,9 +49,39 @@ class StackError(RuntimeError):
     """The stack cannot start here; the message says what to change."""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or "" (every address): it may face the network
+
+
+def check_flower_exposure(settings: Settings) -> None:
+    """Refuse a Flower that others could reach without a login: its API can run any task."""
+    if settings.flower_basic_auth is None and not is_loopback(settings.flower_host):
+        raise StackError(
+            f"Flower would listen on {settings.flower_host} (GPT4P_FLOWER_HOST) with no login, "
+            "and its API can run any task: set GPT4P_FLOWER_BASIC_AUTH=user:password "
+            "(a password of 12+ characters), or GPT4P_FLOWER_HOST=127.0.0.1"
+        )
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` for this user only (0700); tighten it if it is ours and not shared."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    # A sticky folder (/tmp) is shared by design: never change one that is not ours alone.
+    if info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX:
+        path.chmod(0o700)
+
+
 def port_free(host: str, port: int) -> bool:
     """Whether nothing listens on `host`:`port` (so a child can bind it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # GPT4P_FLOWER_HOST=::1
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -138,16 +172,9 @@ class Stack:
                 ],
             )
         )  # fmt: skip
-        children.append(
-            Child(
-                "flower",
-                [
-                    python, "-m", "celery", "-A", "workers", "flower",
-                    f"--port={self.settings.flower_port}", f"--address={self.settings.http_host}",
-                    "--loglevel=WARNING",
-                ],
-            )
-        )  # fmt: skip
+        # `gpt4people flower` checks its address and login itself and hands the login to
+        # Flower in its environment, never on a command line that `ps` shows.
+        children.append(Child("flower", [python, "-m", "workers.cli", "flower"]))
         return children
 
     def check(self) -> None:
@@ -158,10 +185,12 @@ class Stack:
                 f"gpt4people up is already running (pid {other}) with state in "
                 f"{self.settings.state_dir}; stop it, or set GPT4P_STATE_DIR for a second one"
             )
-        ports = {"GPT4P_HTTP_PORT": self.settings.http_port,
-                 "GPT4P_FLOWER_PORT": self.settings.flower_port}  # fmt: skip
-        for variable, port in ports.items():
-            if not port_free(self.settings.http_host, port):
+        check_flower_exposure(self.settings)
+        settings = self.settings
+        ports = {"GPT4P_HTTP_PORT": (settings.http_host, settings.http_port),
+                 "GPT4P_FLOWER_PORT": (settings.flower_host, settings.flower_port)}  # fmt: skip
+        for variable, (host, port) in ports.items():
+            if not port_free(host, port):
                 raise StackError(f"port {port} is already in use: set {variable} to another")
 
     def start(self) -> None:
@@ -171,7 +200,12 @@ class Stack:
             self.redis_url = self.settings.redis_url
             ping(self.redis_url, timeout=5)
         else:
-            self.redis = RedisServer(self.settings.state_dir / "redis").start()
+            # Only this user may read the state (conversations, numbers) or reach Redis: a
+            # private folder and a fresh password each run, kept in the 0600 runtime file.
+            make_private_dir(self.settings.state_dir)
+            self.redis = RedisServer(
+                self.settings.state_dir / "redis", password=new_password()
+            ).start()
             self.redis_url = self.redis.url
             write_runtime_url(self.settings, self.redis_url)
         self.env = dict(os.environ, GPT4P_REDIS_URL=self.redis_url)
@@ -183,16 +217,19 @@ class Stack:
     def _announce(self) -> None:
         host, port = self.settings.http_host, self.settings.http_port
         where = "embedded" if self.redis else "external"
+        login = " (login: GPT4P_FLOWER_BASIC_AUTH)" if self.settings.flower_basic_auth else ""
         lines = [
             f"Redis ({where})   {redact_url(self.redis_url or '')}",
             f"workers          {self.workers} (engine: {self.settings.engine})",
             f"HTTP API         http://{host}:{port}/v1/chat/completions",
             f"health           http://{host}:{port}/healthz",
-            f"Flower           http://{host}:{self.settings.flower_port}/",
+            f"Flower           http://{self.settings.flower_host}:{self.settings.flower_port}/"
+            + login,
             'ask it            gpt4people ask "What is the capital of France?"',
             "stop             Ctrl-C",
         ]
-        print("gpt4people is up:\n  " + "\n  ".join(lines), flush=True)
+        banner = "gpt4people is up:\n  " + "\n  ".join(lines)
+        print(scrub(banner, url_secrets(self.redis_url or "")), flush=True)
 
     def watch(self) -> int:
         """Restart children that die (a few times); return when asked to stop or they keep dying."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from workers.redis_client import celery_transport_options
-from workers.redis_urls import InvalidRedisUrlError, parse_sentinel_url, redact_url
+from workers.redis_urls import (
+    InvalidRedisUrlError,
+    parse_sentinel_url,
+    redact_url,
+    scrub,
+    url_secrets,
+)
 from workers.settings import Settings
 
 
@@ -57,6 +63,10 @@ def test_celery_gets_the_master_name_and_the_sentinels_password_only_for_sentine
         ("sentinel://:p;w@s1:26379;sentinel://s2:26379/0", "p;w"),  # ";" in a password
         ("redis://r:6379/0?password=hunter2&socket_timeout=5", "hunter2"),
         ("REDIS://R:6379/0?db=1&Password=hunter2", "hunter2"),
+        ("redis://r:6379/0?pass%77ord=hunter2", "hunter2"),  # redis-py decodes the name
+        ("redis://r:6379/0?sentinel_password=hunter2&x=1", "hunter2"),
+        ("rediss://user:hun%40ter2@r:6380/0", "hun%40ter2"),
+        ("redis://hunter2@r:6379/0", "hunter2"),  # a lone secret before the "@"
     ],
 )
 def test_no_way_of_writing_a_password_gets_it_into_a_log_line(url: str, secret: str) -> None:
@@ -70,3 +80,17 @@ def test_an_ipv6_sentinel_keeps_its_brackets() -> None:
     assert settings.redis_url == "sentinel://:pw@[::1]:26379/0;sentinel://:pw@[fd00::2]:26379/0"
     assert parse_sentinel_url(settings.redis_url).sentinels == [("::1", 26379),
                                                                 ("fd00::2", 26379)]  # fmt: skip
+
+
+def test_a_password_given_as_an_option_moves_into_the_login_that_kombu_reads() -> None:
+    settings = Settings(redis_url="redis://r:6379/2?socket_timeout=5&pass%77ord=p%40w")
+    assert settings.redis_url == "redis://:p%40w@r:6379/2?socket_timeout=5"
+    with pytest.raises(ValueError, match="give the login once"):
+        Settings(redis_url="redis://:a@r:6379/0?password=b")
+
+
+def test_free_text_is_scrubbed_of_urls_and_of_every_known_secret() -> None:
+    text = "cannot reach redis://:p%40ssw0rd@r:6379/0 (p@ssw0rd rejected)"
+    assert scrub(text, url_secrets("redis://:p%40ssw0rd@r:6379/0")) == (
+        "cannot reach redis://:***@r:6379/0 (*** rejected)"
+    )
