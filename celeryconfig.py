@@ -62,8 +62,12 @@ result_backend_transport_options = {
     **celery_transport_options(result_backend, _settings),
 }
 # Results are read once by the channel that waits for them; keep them for a day at most.
+# A helper called for a job stores none (its value rides in its continuation's message,
+# deleted when read: workers.handover), so no picture waits here for a day.
 result_expires = 24 * 3600
-result_extended = True
+# A stored result carries no task arguments (prompts, numbers, addresses): nothing reads
+# them there, and Flower shows the summaries of the task events (workers.privacy).
+result_extended = False
 
 # Operators may replace pool processes (`celery control pool_restart`) to reload a model.
 worker_pool_restarts = True

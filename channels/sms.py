@@ -2,7 +2,9 @@
 
 ``POST /sms`` verifies Twilio's signature, answers at once with an empty TwiML
 ``<Response/>`` and queues the work; the reply is sent later by the
-``deliver.sms`` task (`channels.sms_delivery`).
+``deliver.sms`` task (`channels.sms_delivery`). A MessageSid already seen within
+GPT4P_SMS_REPLAY_WINDOW_DAYS gets the same empty answer and nothing else: Twilio's
+retries and replays of a signed webhook (which carries no signed timestamp).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from channels.sms_state import SmsState, number_id
 from channels.spool import InboundSpool
 from workers.client import enqueue_delivery, submit
 from workers.contract import ChatMessage, GenerationOptions, Job, MediaRef, Reply
+from workers.metrics import Metrics
 from workers.redis_client import redis_client
 from workers.redis_server import RedisUnavailableError
 from workers.replication import make_durable
@@ -109,6 +112,12 @@ def _keyword(body: str) -> str:
     return body.strip().strip(".!").upper()
 
 
+def _duplicate(state: SmsState, seen_days_ago: int) -> str:
+    """Count a webhook whose MessageSid was seen before (Twilio's retry, or a replay)."""
+    Metrics(state.redis).count("gpt4p_webhook_duplicates", {"channel": "sms"})
+    return f"duplicate (first seen {seen_days_ago} day(s) ago)"
+
+
 class SmsChannel:
     """Turns a verified webhook into a job, or answers a keyword itself."""
 
@@ -151,8 +160,9 @@ class SmsChannel:
         idempotent per MessageSid, so the claim is not checked again.
         """
         state, number = self.state, inbound.sender
-        if not state.claim_message(inbound.message_sid) and not replay:
-            return "duplicate"
+        seen_days_ago = state.claim_message(inbound.message_sid)
+        if seen_days_ago is not None and not replay:
+            return _duplicate(state, seen_days_ago)
         keyword = _keyword(inbound.body)
         if keyword in OPT_OUT_KEYWORDS:
             state.opt_out(number)

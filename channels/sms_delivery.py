@@ -8,6 +8,10 @@ accepting it and the SID being recorded, stays claimed; once the claim is
 older than the Twilio timeout + 5 s, the next attempt looks the message up in
 Twilio's message log and sends only if it is not there. Window left: Twilio's
 log lagging behind an accepted message by more than that margin.
+
+Right before a reply's first part goes out, its parts are taken from the
+global hourly cap (`channels.outbound_cap`); past the cap the reply is held
+for the next hour.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
+from channels.outbound_cap import OutboundCap, OutboundCappedError, Reservation, hold
 from channels.sms_split import split_for_sms
 from channels.sms_state import SmsState, number_id
 from workers.app import app, broker_redis
@@ -123,45 +128,88 @@ def _state() -> SmsState:
     return SmsState(broker_redis(), get_settings())
 
 
-def send_parts(reply: Reply, sender: TwilioSender, state: SmsState, max_parts: int) -> int:
+def send_parts(
+    reply: Reply, sender: TwilioSender, state: SmsState, max_parts: int,
+    cap: OutboundCap | None = None,
+) -> int:  # fmt: skip
     """Send every part of `reply` not sent yet; return how many were sent now.
 
     A part is claimed before the send and recorded after it. A claim left by a
     delivery that died, or that got no answer from Twilio, is settled by asking
     Twilio's message log before sending again, so a part is never sent twice.
+    The parts still to send are taken from `cap` together, before the first of
+    them goes out: the hourly cap holds a reply whole, never cuts it in two.
     """
-    sent = 0
-    stale_after = sender.settings.twilio_timeout + 5
-    for index, body in enumerate(split_for_sms(reply.text, max_parts=max_parts)):
-        claim, started = state.claim_part(reply.job_id, index, stale_after)
-        if claim == "sent":
-            continue
-        if claim == "in_flight":
-            raise TransientSendError(f"part {index} is being sent by another delivery")
-        if claim == "unknown":
-            existing = sender.find_sent(reply.reply_to, reply.reply_from, body, started)
-            if existing is not None:
-                log.info("part %d of %s was already accepted by Twilio", index, reply.job_id)
-                state.record_part(reply.job_id, index, existing)
+    parts = split_for_sms(reply.text, max_parts=max_parts)
+    sent, reservation = 0, None
+    try:
+        for index, body in enumerate(parts):
+            if not _claim_part(reply, index, body, sender, state):
                 continue
-            state.reclaim_part(reply.job_id, index)
-        # The claim must survive a failover before the send, which cannot be undone.
-        try:
-            make_durable(state.redis, state.settings)
-        except redis.RedisError:
-            with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
-                state.release_part(reply.job_id, index)
-            raise
-        try:
-            sid = sender.send(reply.reply_to, reply.reply_from, body)
-        except AmbiguousSendError:
-            raise  # keep the claim: the next attempt asks Twilio before sending again
-        except (TransientSendError, PermanentSendError):
-            state.release_part(reply.job_id, index)
-            raise
-        state.record_part(reply.job_id, index, sid)
-        sent += 1
+            if reservation is None and cap is not None:
+                reservation = _reserve(cap, len(parts) - index, reply, index, state)
+            try:
+                _send_part(reply, index, body, sender, state)
+            except AmbiguousSendError:
+                if reservation is not None:
+                    reservation.use()  # it may have gone out: it counts
+                raise
+            if reservation is not None:
+                reservation.use()
+            sent += 1
+    finally:
+        if reservation is not None:
+            reservation.give_back()
     return sent
+
+
+def _claim_part(reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState) -> bool:
+    """Claim part `index` for sending now; False when it was sent already."""
+    stale_after = sender.settings.twilio_timeout + 5
+    claim, started = state.claim_part(reply.job_id, index, stale_after)
+    if claim == "sent":
+        return False
+    if claim == "in_flight":
+        raise TransientSendError(f"part {index} is being sent by another delivery")
+    if claim == "unknown":
+        existing = sender.find_sent(reply.reply_to, reply.reply_from, body, started)
+        if existing is not None:
+            log.info("part %d of %s was already accepted by Twilio", index, reply.job_id)
+            state.record_part(reply.job_id, index, existing)
+            return False
+        state.reclaim_part(reply.job_id, index)
+    return True
+
+
+def _reserve(
+    cap: OutboundCap, count: int, reply: Reply, index: int, state: SmsState
+) -> Reservation:
+    """`count` sends from this hour's cap; part `index` is freed again when there are none."""
+    try:
+        return cap.take(count)
+    except (OutboundCappedError, redis.RedisError):
+        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
+            state.release_part(reply.job_id, index)
+        raise
+
+
+def _send_part(reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState) -> None:
+    """Send claimed part `index` and record its SID; a failed send frees the claim."""
+    # The claim must survive a failover before the send, which cannot be undone.
+    try:
+        make_durable(state.redis, state.settings)
+    except redis.RedisError:
+        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
+            state.release_part(reply.job_id, index)
+        raise
+    try:
+        sid = sender.send(reply.reply_to, reply.reply_from, body)
+    except AmbiguousSendError:
+        raise  # keep the claim: the next attempt asks Twilio before sending again
+    except (TransientSendError, PermanentSendError):
+        state.release_part(reply.job_id, index)
+        raise
+    state.record_part(reply.job_id, index, sid)
 
 
 def _backoff(settings: Settings, retries: int) -> float:
@@ -174,7 +222,11 @@ def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by SMS: split, each part once, transient failures retried with backoff."""
     reply = Reply.model_validate(reply_data)
     with bind_job(reply.job_id):
-        return _deliver(self, reply)
+        try:
+            return _deliver(self, reply)
+        except OutboundCappedError as capped:
+            settings = get_settings()
+            return hold(self, reply, capped, settings.outbound_hold_max_age, broker_redis())
 
 
 def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
@@ -184,8 +236,9 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
     if state.is_opted_out(reply.reply_to):
         log.info("reply %s not sent: %s opted out", reply.job_id, who)
         return {"sent": 0, "status": "opted_out"}
+    cap = OutboundCap(state.redis, "sms", settings.sms_max_per_hour)
     try:
-        sent = send_parts(reply, _sender(), state, settings.sms_max_parts)
+        sent = send_parts(reply, _sender(), state, settings.sms_max_parts, cap)
     except TransientSendError as error:
         if self.request.retries >= settings.sms_max_retries:
             log.error("reply %s to %s abandoned after %d retries: %s",

@@ -14,15 +14,37 @@ from typing import Literal, cast
 
 import redis
 
-from channels.ratelimit import RateVerdict, SenderRateLimit
 from workers.contract import ChatMessage
+from workers.ratelimit import RateVerdict, SenderRateLimit
 from workers.settings import Settings
 
 PREFIX = "gpt4p:sms:"
-SEEN_TTL_S = 7 * 24 * 3600  # Twilio retries a webhook for minutes, never for days
+DAY_S = 24 * 3600
 PART_SENT_TTL_S = 7 * 24 * 3600
 
+# Whether ARGV[1] (a MessageSid) is in one of the day sets KEYS[2..] (today first), or
+# has a key of its own KEYS[1] (how MessageSids were kept for 7 days before the day
+# sets); if not, add it to today's set. Returns -1 for a new MessageSid, else how
+# many days ago it was first seen.
+_CLAIM_SID = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  if redis.call('SISMEMBER', KEYS[i], ARGV[1]) == 1 then return i - 2 end
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return -1
+"""
+
 PartState = Literal["claimed", "sent", "in_flight", "unknown"]
+
+
+def _compact(message_sid: str) -> bytes:
+    """The MessageSid in half the bytes: its two letters, then its hex digits as bytes."""
+    try:
+        return message_sid[:2].encode() + bytes.fromhex(message_sid[2:])
+    except ValueError:  # not Twilio's shape (the webhook checks it): kept as it is
+        return message_sid.encode()
 
 
 def number_id(number: str) -> str:
@@ -37,9 +59,23 @@ class SmsState:
         self.redis = client
         self.settings = settings
 
-    def claim_message(self, message_sid: str) -> bool:
-        """True the first time `message_sid` is seen; False for Twilio's re-posts."""
-        return bool(self.redis.set(f"{PREFIX}seen:{message_sid}", 1, nx=True, ex=SEEN_TTL_S))
+    def claim_message(self, message_sid: str) -> int | None:
+        """None the first time `message_sid` is seen; else how many days ago it was.
+
+        Twilio signs no timestamp, so a webhook copied by someone in between stays
+        valid: the only defence is remembering every MessageSid for as long as a
+        replay should be refused (GPT4P_SMS_REPLAY_WINDOW_DAYS), far longer than
+        Twilio's own retries (minutes). One set per day, stored compactly and
+        expiring whole, keeps that cheap: about 70 bytes a message (a key per message
+        took twice that).
+        """
+        days = self.settings.sms_replay_window_days
+        today = int(time.time()) // DAY_S
+        day_sets = [f"{PREFIX}sids:{day}" for day in range(today, today - days - 1, -1)]
+        keys = [f"{PREFIX}seen:{message_sid}", *day_sets]
+        found = cast(int, self.redis.eval(_CLAIM_SID, len(keys), *keys, _compact(message_sid),
+                                          (days + 1) * DAY_S))  # fmt: skip
+        return None if found < 0 else found
 
     # --- opt-out ---------------------------------------------------------------------
     def opt_out(self, number: str) -> None:

@@ -10,13 +10,13 @@ import redis
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from workers import privacy as _privacy  # noqa: F401  (keeps replies out of task logs)
 from workers.logs import configure_handler
+from workers.privacy import APP_OPTIONS  # task arguments shown as summaries only
 from workers.redis_client import celery_transport_options, redis_client
 from workers.redis_server import resolve_redis_url
 from workers.settings import Settings, get_settings
 
-app = Celery("gpt4people")
+app = Celery("gpt4people", **APP_OPTIONS)
 app.config_from_object("celeryconfig")
 
 
@@ -66,7 +66,7 @@ os.register_at_fork(after_in_child=_forget_inherited_client)
 
 def celery_for(settings: Settings) -> Celery:
     """A client-side Celery app (same configuration) talking to the Redis of `settings`."""
-    client = Celery("gpt4people", set_as_current=False)
+    client = Celery("gpt4people", set_as_current=False, **APP_OPTIONS)
     client.config_from_object("celeryconfig")
     url = resolve_redis_url(settings)
     sentinel = celery_transport_options(url, settings)

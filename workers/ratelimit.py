@@ -1,4 +1,8 @@
-"""A fixed-window rate limit per sender, counted in Redis so every web process shares it."""
+"""A fixed-window rate limit per sender, counted in Redis so every process shares it.
+
+Used by the channels (messages per number or address) and by the core (helper calls
+per sender); it lives in workers/ because channels import workers, never the reverse.
+"""
 
 from __future__ import annotations
 
