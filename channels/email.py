@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from typing import cast
 
 import redis
 from celery import Celery
 
 from channels.base import InvalidInboundError
-from channels.email_parse import InboundEmail, base_subject
-from channels.ratelimit import SenderRateLimit
+from channels.email_parse import InboundEmail, allowed, base_subject
 from workers.client import submit
 from workers.contract import ChatMessage, GenerationOptions, Job
+from workers.ratelimit import SenderRateLimit
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 PREFIX = "gpt4p:email:"
 SEEN_TTL_S = 90 * 24 * 3600
 TURN_TTL_S = 90 * 24 * 3600
+MAX_REFERENCES = 50  # the newest ids of a References header that are looked up
 EMAIL_STYLE = " You are answering by email: reply in a few clear paragraphs, in plain text."
 
 
@@ -34,8 +36,18 @@ def digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:20]
 
 
+def owner_key(address: str) -> str:
+    """Whose thread turns are whose: the pseudonym of an address, as stored with each turn."""
+    return digest(address.lower())
+
+
 class EmailRecords:
-    """What the email channel remembers in Redis: seen Message-IDs and the thread turns."""
+    """What the email channel remembers in Redis: seen Message-IDs and the thread turns.
+
+    A turn belongs to the people who saw it (the asker, and the address answered),
+    and is stored under each of their pseudonyms: a Message-ID alone, which anyone
+    can copy into a References header, never brings one person's thread to another.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -45,16 +57,24 @@ class EmailRecords:
         key = f"{PREFIX}seen:{digest(message_id)}"
         return bool(self.redis.set(key, 1, nx=True, ex=SEEN_TTL_S))
 
-    def remember_turn(self, message_id: str, message: ChatMessage) -> None:
-        """Record what the mail `message_id` said, so replies to it can find their history."""
-        key = f"{PREFIX}turn:{digest(message_id)}"
-        self.redis.set(key, message.model_dump_json(), ex=TURN_TTL_S)
+    @staticmethod
+    def _turn_key(owner: str, message_id: str) -> str:
+        return f"{PREFIX}turn:{owner}:{digest(message_id)}"
 
-    def thread(self, references: tuple[str, ...], max_chars: int) -> list[ChatMessage]:
-        """The earlier turns of a thread, oldest first, within `max_chars`."""
+    def remember_turn(self, owners: Iterable[str], message_id: str, message: ChatMessage) -> None:
+        """Record what the mail `message_id` said, for the later mail of these `owners`
+        (`owner_key`s) that refers to it."""
+        value = message.model_dump_json()
+        pipe = self.redis.pipeline()
+        for owner in dict.fromkeys(owners):
+            pipe.set(self._turn_key(owner, message_id), value, ex=TURN_TTL_S)
+        pipe.execute()
+
+    def thread(self, owner: str, references: tuple[str, ...], max_chars: int) -> list[ChatMessage]:
+        """The earlier turns of `owner`'s thread, oldest first, within `max_chars`."""
         if not references:
             return []
-        keys = [f"{PREFIX}turn:{digest(ref)}" for ref in references]
+        keys = [self._turn_key(owner, ref) for ref in references[-MAX_REFERENCES:]]
         raw = cast(list[bytes | None], self.redis.mget(keys))
         turns = [ChatMessage.model_validate(json.loads(r)) for r in raw if r]
         while turns and sum(len(t.content) for t in turns) > max_chars:
@@ -81,13 +101,19 @@ class EmailChannel:
             return mail.question or subject
         return f"{subject}\n\n{mail.question}".strip()
 
+    @staticmethod
+    def _owners(mail: InboundEmail) -> list[str]:
+        return list(dict.fromkeys(owner_key(a) for a in (mail.sender, mail.reply_address)))
+
     def to_job(self, inbound: object) -> Job:
-        """A job for `inbound`, with the thread's earlier turns as history."""
+        """A job for `inbound`, with its sender's earlier turns of the thread as history."""
         if not isinstance(inbound, InboundEmail):
             raise InvalidInboundError("expected a parsed email")
         prompt = self._prompt(inbound)[: self.settings.email_max_chars]
         system = ChatMessage(role="system", content=self.settings.system_prompt + EMAIL_STYLE)
-        history = self.records.thread(inbound.references, self.settings.email_max_chars)
+        history = self.records.thread(
+            owner_key(inbound.sender), inbound.references, self.settings.email_max_chars
+        )
         return Job(
             id=f"email-{digest(inbound.message_id)}",
             channel=self.name,
@@ -103,22 +129,42 @@ class EmailChannel:
                 "question": inbound.question[:2000],
                 "sender_name": inbound.sender_name,
                 "date": inbound.date,
+                "thread_owners": " ".join(self._owners(inbound)),
+                # Whether the reply may quote the mail: see email_delivery._quote.
+                "authenticated": "true" if inbound.authenticated else "false",
             },
             options=GenerationOptions(),
             idempotency_key=inbound.message_id,
         )
 
-    def receive(self, mail: InboundEmail) -> str:
-        """Queue an answer to `mail` exactly once; return what was done (for the log)."""
-        if not self.records.claim(mail.message_id):
-            return "duplicate"
+    def refusal(self, mail: InboundEmail) -> str | None:
+        """Why `mail` must not be answered at the address chosen for it, or None."""
+        if self.settings.email_require_auth and not mail.authenticated:
+            return "sender not authenticated (GPT4P_EMAIL_REQUIRE_AUTH)"
+        if not (allowed(mail.sender, self.settings) and allowed(mail.reply_address, self.settings)):
+            return "address not on the allow-list"
+        return None
+
+    def _rate_limited(self, mail: InboundEmail) -> bool:
+        """Counts the mail against the sender and the address we send to (when another)."""
         limit = SenderRateLimit(self.redis, f"{PREFIX}rate:", self.settings.email_rate_limit,
                                 self.settings.email_rate_window)  # fmt: skip
-        if limit.verdict(digest(mail.sender)) != "ok":
+        addresses = dict.fromkeys((mail.sender, mail.reply_address))
+        return any(limit.verdict(digest(a)) != "ok" for a in addresses)
+
+    def receive(self, mail: InboundEmail) -> str:
+        """Queue an answer to `mail` exactly once; return what was done (for the log)."""
+        refused = self.refusal(mail)
+        if refused:
+            return f"not answered: {refused}"
+        if not self.records.claim(mail.message_id):
+            return "duplicate"
+        if self._rate_limited(mail):
             return "rate limited"
         if not self._prompt(mail):
             return "empty"
         job = self.to_job(mail)
         submit(self.celery, job, client=self.redis)
-        self.records.remember_turn(mail.message_id, job.messages[-1])
-        return f"queued job {job.id}"
+        self.records.remember_turn(self._owners(mail), mail.message_id, job.messages[-1])
+        note = " (Reply-To not honoured)" if mail.reply_to_ignored else ""
+        return f"queued job {job.id}{note}"

@@ -5,6 +5,8 @@ Redis before and recorded after; a retried task that finds the record does
 not send again. Remaining window: a worker killed after the SMTP server
 accepted the mail and before the record is written resends it after
 SEND_IN_FLIGHT_TTL_S, with the same Message-ID, which mail clients show once.
+Right before the send, the reply takes its slot of the global hourly cap
+(`channels.outbound_cap`); past the cap it is held for the next hour.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any, cast
 import redis
 from celery import Task
 
-from channels.email import PREFIX, EmailRecords, digest
-from channels.email_parse import base_subject
+from channels.email import PREFIX, EmailRecords, digest, owner_key
+from channels.email_parse import base_subject, one_line
+from channels.outbound_cap import OutboundCap, OutboundCappedError, Reservation, hold
 from workers.app import app, broker_redis
 from workers.contract import ChatMessage, Reply, delivery_task
 from workers.logs import bind_job
@@ -54,6 +57,14 @@ def reply_message_id(reply: Reply, sender: str) -> str:
 
 
 def _quote(reply: Reply) -> str:
+    """A short quote of the question, only when our server authenticated its sender.
+
+    Anyone can put a stranger's address in From: quoting that mail would send the
+    stranger whatever text the forger chose (backscatter), so an unauthenticated
+    mail is answered without a word of it, nor the display name it gave.
+    """
+    if reply.context.get("authenticated") != "true":
+        return ""
     question = reply.context.get("question", "").strip().splitlines()
     if not question:
         return ""
@@ -73,16 +84,18 @@ def compose_reply(reply: Reply, settings: Settings) -> EmailMessage:
         references.append(original)
     message = EmailMessage()
     message["From"] = formataddr(("GPT4People", parseaddr(sender)[1]))
-    message["To"] = reply.reply_to
+    # Every header built from the asker's mail is made one line: a line break in a
+    # decoded Subject would make the email package refuse the reply outright.
+    message["To"] = one_line(reply.reply_to)
     message["Subject"] = "Re: " + (
-        base_subject(reply.context.get("subject", "")) or "your question"
+        base_subject(one_line(reply.context.get("subject", ""))) or "your question"
     )
     message["Date"] = formatdate(localtime=False)
     message["Message-ID"] = reply_message_id(reply, sender)
     if original:
-        message["In-Reply-To"] = original
+        message["In-Reply-To"] = one_line(original)
     if references:
-        message["References"] = " ".join(references[-20:])
+        message["References"] = one_line(" ".join(references[-20:]))
     # RFC 3834: tells other robots not to answer us, which prevents mail loops.
     message["Auto-Submitted"] = "auto-replied"
     message["X-Auto-Response-Suppress"] = "All"
@@ -144,7 +157,21 @@ def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by email once; transient SMTP failures are retried with backoff."""
     reply = Reply.model_validate(reply_data)
     with bind_job(reply.job_id):
-        return _deliver(self, reply)
+        try:
+            return _deliver(self, reply)
+        except OutboundCappedError as capped:
+            settings = get_settings()
+            return hold(self, reply, capped, settings.outbound_hold_max_age, broker_redis())
+
+
+def _take_slot(client: redis.Redis, key: str, settings: Settings) -> Reservation:
+    """One send from this hour's email cap; the claim `key` is freed when there is none."""
+    try:
+        return OutboundCap(client, "email", settings.email_max_per_hour).take()
+    except (OutboundCappedError, redis.RedisError):
+        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
+            client.delete(key)
+        raise
 
 
 def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
@@ -164,9 +191,11 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
             client.delete(key)
         raise
     message = compose_reply(reply, settings)
+    reservation = _take_slot(client, key, settings)
     try:
         send_smtp(message, settings)
     except TransientSmtpError as error:
+        reservation.give_back()
         client.delete(key)
         if self.request.retries >= settings.email_max_retries:
             log.error("reply %s to %s abandoned: %s", reply.job_id, who, error)
@@ -176,15 +205,17 @@ def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
         log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
         raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
     except PermanentSmtpError as error:
+        reservation.give_back()
         client.set(key, "refused", ex=SENT_TTL_S)
         log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
         Metrics(client).count("gpt4p_delivery_failures", {"channel": "email", "reason": "refused"})
         return {"status": "refused"}
     message_id = str(message["Message-ID"])
     client.set(key, message_id, ex=SENT_TTL_S)
-    EmailRecords(client).remember_turn(
-        message_id, ChatMessage(role="assistant", content=reply.text)
-    )
+    # The answer joins the thread of those who saw it (see EmailChannel.to_job).
+    owners = reply.context.get("thread_owners", "").split() or [owner_key(reply.reply_to)]
+    answer = ChatMessage(role="assistant", content=reply.text)
+    EmailRecords(client).remember_turn(owners, message_id, answer)
     log.info("reply %s sent to %s", reply.job_id, who)
     Metrics(client).count("gpt4p_deliveries", {"channel": "email"})
     return {"status": "delivered", "message_id": message_id}

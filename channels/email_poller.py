@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 HANDLED = "$Gpt4pHandled"
 SET_ASIDE = "$Gpt4pSetAside"
 IDLE_SLICE_S = 10.0  # re-issue IDLE at least this often, so a stop is noticed quickly
+OPEN_MAILBOX_WARNING = (
+    "GPT4P_EMAIL_ALLOW is unset and GPT4P_EMAIL_REQUIRE_AUTH is off: this mailbox answers "
+    "anyone, forged senders included; see README Security"
+)
 CONNECTION_ERRORS = (imaplib.IMAP4.error, OSError, socket.timeout, UnexpectedCommandStatusError)
 
 
@@ -63,6 +67,9 @@ class MailboxPoller:
 
     def run(self) -> None:
         """Poll until stopped, reconnecting with backoff after any connection failure."""
+        if not self.settings.email_allow and not self.settings.email_require_auth:
+            # An operator going public must hear it once; no address or name is logged.
+            log.warning(OPEN_MAILBOX_WARNING)
         backoff = 1.0
         while not self.stop.is_set():
             try:

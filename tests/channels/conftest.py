@@ -25,6 +25,7 @@ from workers.redis_server import RedisServer, free_port
 
 __all__ = ["dovecot", "smtp", "twilio"]
 EMAIL_FROM = "bot@gpt4people.test"
+EMAIL_AUTHSERV_ID = "mx.gpt4people.test"  # our receiving server, as the tests play it
 EMAIL_RATE_LIMIT = 3
 
 SMS_RATE_LIMIT = 5
@@ -82,6 +83,7 @@ def email_env(
         email_from=EMAIL_FROM,
         email_retry_backoff="0.1",
         email_rate_limit=str(EMAIL_RATE_LIMIT),
+        email_authserv_id=EMAIL_AUTHSERV_ID,
     )
 
 

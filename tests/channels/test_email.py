@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from channels.email import EmailRecords
+from channels.email import EmailRecords, owner_key
 from channels.email_poller import HANDLED, SET_ASIDE
-from tests.channels.conftest import EMAIL_FROM, EMAIL_RATE_LIMIT, start_poller
+from tests.channels.conftest import EMAIL_AUTHSERV_ID, EMAIL_FROM, EMAIL_RATE_LIMIT, start_poller
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.conftest import stop_process, wait_for
 
 _people = itertools.count(1)
+# What our receiving server adds on top of a mail whose From it authenticated.
+VERDICT = (
+    f"Authentication-Results: {EMAIL_AUTHSERV_ID}; dmarc=pass header.from=example.org\n".encode()
+)
 
 
 @pytest.fixture
@@ -93,8 +97,10 @@ def test_a_question_is_answered_once_in_the_same_thread(
     email_redis: redis.Redis,
 ) -> None:  # fmt: skip
     question = "What is the capital of France?"
-    dovecot.append(mail(person, "Re: Re: Capitals", question, "<q1-capitals@example.org>",
-                        ("References", "<q0@example.org>")))  # fmt: skip
+    # Only mail our server authenticated is quoted (tests/security: backscatter).
+    thread = ("References", "<q0@example.org>")
+    dovecot.append(VERDICT + mail(person, "Re: Re: Capitals", question,
+                                  "<q1-capitals@example.org>", thread))  # fmt: skip
     reply = answers(smtp, person)[0]
     assert reply["Subject"] == "Re: Capitals"
     assert reply["In-Reply-To"] == "<q1-capitals@example.org>"
@@ -122,7 +128,8 @@ def test_a_follow_up_carries_the_thread_as_history(
                         *follow_up))  # fmt: skip
     second = answers(smtp, person, 2)[1]
     assert second["References"].split() == ["<p1@example.org>", ours, "<p2@example.org>"]
-    history = EmailRecords(email_redis).thread(("<p1@example.org>", ours), 10_000)
+    thread = ("<p1@example.org>", ours)
+    history = EmailRecords(email_redis).thread(owner_key(person), thread, 10_000)
     assert [(t.role, t.content.splitlines()[-1]) for t in history] == [
         ("user", "Which planet is largest?"), ("assistant", "Which planet is largest?"),
     ]  # fmt: skip
@@ -164,14 +171,18 @@ def test_a_latin1_mail_is_decoded(
     assert reply["Subject"] == "Re: Café"
 
 
-def test_reply_to_is_honoured(
-    email_stack: object, dovecot: Dovecot, smtp: SmtpCapture, person: str
-) -> None:
-    elsewhere = f"answers-{next(_people)}@example.net"
-    dovecot.append(mail(person, "Hi", "Where do answers go?", "<r1@example.org>",
-                        ("Reply-To", elsewhere)))  # fmt: skip
-    assert answers(smtp, elsewhere)[0]["To"] == elsewhere
-    assert smtp.sent_to(person) == []
+def test_reply_to_alone_does_not_choose_where_the_answer_goes(
+    email_stack: object, dovecot: Dovecot, smtp: SmtpCapture, person: str,
+    email_redis: redis.Redis,
+) -> None:  # fmt: skip
+    # Honoured only for an authenticated From, in its domain, and named by
+    # GPT4P_EMAIL_ALLOW (unset here): tests/security.
+    elsewhere = f"answers-{next(_people)}@example.org"
+    dovecot.append(VERDICT + mail(person, "Hi", "Where do answers go?", "<r1@example.org>",
+                                  ("Reply-To", elsewhere)))  # fmt: skip
+    assert answers(smtp, person)[0]["To"] == person
+    wait_idle(dovecot, email_redis)
+    assert smtp.sent_to(elsewhere) == []
 
 
 AUTOMATIC = [
