@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.contract import ChatMessage, GenerationOptions, MediaRef, Reply
+from workers.contract import (
+    MAX_INLINE_MEDIA_CHARS,
+    MAX_MESSAGE_CHARS,
+    ChatMessage,
+    GenerationOptions,
+    MediaRef,
+    Reply,
+    check_media_url,
+)
+
+# The media type of a data: URL: a short type/subtype, nothing that could be a payload.
+_DATA_URL_TYPE = re.compile(r"data:([\w.+-]{1,64}/[\w.+-]{1,64})[;,]")
 
 
 class TextPart(BaseModel):
@@ -16,7 +28,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
 class ImageUrl(BaseModel):
@@ -24,7 +36,16 @@ class ImageUrl(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    url: str = Field(max_length=14_000_000)
+    url: str = Field(max_length=MAX_INLINE_MEDIA_CHARS)
+
+    _links_are_short = field_validator("url")(check_media_url)
+
+    def inline_bytes(self) -> int:
+        """About how many bytes this image is once decoded, when it is inline (else 0)."""
+        if not self.url.startswith("data:"):
+            return 0
+        header, _, payload = self.url.partition(",")
+        return len(payload) * 3 // 4 if header.endswith(";base64") else len(payload)
 
 
 class ImagePart(BaseModel):
@@ -38,8 +59,8 @@ class ImagePart(BaseModel):
     def to_media(self) -> MediaRef:
         """The contract's reference to this image."""
         url = self.image_url.url
-        kind = url[5 : url.index(";")] if url.startswith("data:") and ";" in url else "image/*"
-        return MediaRef(url=url, content_type=kind)
+        match = _DATA_URL_TYPE.match(url)
+        return MediaRef(url=url, content_type=match.group(1) if match else "image/*")
 
 
 class RequestMessage(BaseModel):
@@ -48,7 +69,9 @@ class RequestMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart] | None = None
+    content: (
+        Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart | ImagePart] | None
+    ) = None
 
     def media(self) -> list[MediaRef]:
         """The images of this message."""
@@ -56,14 +79,30 @@ class RequestMessage(BaseModel):
             return []
         return [part.to_media() for part in self.content if isinstance(part, ImagePart)]
 
+    def text(self) -> str:
+        """The text of this message, its text parts joined."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+        return self.content or ""
+
+    def inline_image_bytes(self) -> int:
+        """About how many bytes this message's inline images are, decoded."""
+        if not isinstance(self.content, list):
+            return 0
+        parts = [p for p in self.content if isinstance(p, ImagePart)]
+        return sum(part.image_url.inline_bytes() for part in parts)
+
+    def inline_image_chars(self) -> int:
+        """How many characters of the request this message's inline images take."""
+        if not isinstance(self.content, list):
+            return 0
+        urls = [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        return sum(len(url) for url in urls if url.startswith("data:"))
+
     def to_chat_message(self) -> ChatMessage:
         """The contract's form of this message."""
-        if isinstance(self.content, list):
-            text = "\n".join(part.text for part in self.content if isinstance(part, TextPart))
-        else:
-            text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)
+        return ChatMessage(role=role, content=self.text())
 
 
 class ChatCompletionRequest(BaseModel):
@@ -161,7 +200,10 @@ def chunk_body(
 
 
 def error_body(
-    message: str, kind: str = "invalid_request_error", code: str | None = None
+    message: str,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
 ) -> dict[str, Any]:
     """An OpenAI-style error object."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -19,8 +19,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from channels.http import ApiError
+from channels.http import ApiError, body_limit, text_allowance
 from channels.http import router as openai_router
+from channels.http_guard import (
+    CALLER_SCOPE_KEY,
+    ApiKeyGuard,
+    ApiKeys,
+    BodyLimit,
+    BodyTooLargeError,
+    SafeErrors,
+)
 from channels.openai_schema import error_body
 from channels.sms import drain_spool, sync_redis_for
 from channels.sms import router as sms_router
@@ -35,11 +43,13 @@ from workers.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
+def _where(item: dict[str, Any]) -> str:
+    return ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+
+
 def _describe(error: RequestValidationError) -> str:
-    problems = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-        problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+    # Where and what only: pydantic's "input" (the caller's own data) is never echoed or logged.
+    problems = [f"{_where(item)}: {item.get('msg', 'invalid')}" for item in error.errors()[:5]]
     return "invalid request: " + "; ".join(problems)
 
 
@@ -86,25 +96,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery_for(settings)
     app.include_router(openai_router)
     app.include_router(sms_router)
-
-    # Refuse a body far past any prompt we would accept before reading it into memory.
-    max_body = settings.max_prompt_chars * 4 + 64 * 1024
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > max_body:
-            message = f"the request body is larger than {max_body} bytes"
-            return JSONResponse(error_body(message), status_code=413)
-        return await call_next(request)
+    _add_guards(app, settings)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
         return error.response()
 
+    @app.exception_handler(BodyTooLargeError)
+    async def _too_large(_: Request, error: BodyTooLargeError) -> JSONResponse:
+        body = error_body(str(error.detail), code="request_too_large")
+        return JSONResponse(body, status_code=413)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(_describe(error)), status_code=400)
+        first = error.errors()[0] if error.errors() else {}
+        body = error_body(_describe(error), param=_where(first))
+        return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -130,14 +137,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: Redis answers and at least one inference worker is alive."""
+        """Readiness: Redis answers and at least one inference worker is alive.
+
+        The details (Redis, worker hostnames) only for a caller with the API key, when
+        keys are set; anyone else learns ready or not."""
+        detailed = request.scope.get(CALLER_SCOPE_KEY) is not None
         try:
             await request.app.state.redis.ping()
             workers = await asyncio.to_thread(live_workers, request.app.state.sync_redis)
         except (aioredis.RedisError, redis.RedisError) as error:
             log.warning("not ready: Redis unreachable (%s)", error.__class__.__name__)
-            return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
-        body = {"status": "ok" if workers else "unavailable", "redis": "up", "workers": workers}
-        return JSONResponse(body, status_code=200 if workers else 503)
+            down = {"status": "unavailable", "redis": "down"}
+            return JSONResponse(down if detailed else {"status": "unavailable"}, status_code=503)
+        status = "ok" if workers else "unavailable"
+        body: dict[str, Any] = {"status": status, "redis": "up", "workers": workers}
+        return JSONResponse(body if detailed else {"status": status},
+                            status_code=200 if workers else 503)  # fmt: skip
 
     return app
+
+
+def _add_guards(app: FastAPI, settings: Settings) -> None:
+    """The API key before any body is read, a byte limit on every body, no 500 with data.
+
+    Starlette runs the middleware added last first: errors, then the key, then the limit."""
+    private = {"/metrics"} if not settings.http_public_metrics else set()
+    if not settings.http_public_docs:
+        private |= {p for p in (app.docs_url, app.redoc_url, app.openapi_url) if p}
+        private |= {f"{app.docs_url}/oauth2-redirect"} if app.docs_url else set()
+    completions_limit = body_limit(settings)
+    other_limit = (
+        text_allowance(settings),
+        f"the request body is larger than {text_allowance(settings)} bytes",
+    )
+
+    def protected(path: str) -> bool:
+        return path.startswith("/v1/") or path == "/v1" or path in private
+
+    def limit_for(path: str) -> tuple[int, str]:
+        # Only chat completions carry inline images; every other body is small.
+        return completions_limit if path == "/v1/chat/completions" else other_limit
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(ApiKeyGuard, keys=ApiKeys(settings), protected=protected)
+    app.add_middleware(SafeErrors)

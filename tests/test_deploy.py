@@ -131,8 +131,8 @@ def test_the_ha_profile_adds_a_replica_and_three_sentinels_that_every_service_ca
         assert "[ -f /data/sentinel.conf ] ||" in script
         assert services[name]["volumes"] == [f"{name}-data:/data"]
     sentinel_hosts = "sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
-    done = compose_config(REDIS_PASSWORD="pw", GPT4P_HTTP_API_KEY=API_KEY, FLOWER_PASSWORD="pw2", REDIS_SCHEME="sentinel",
-                          REDIS_HOSTS=sentinel_hosts)  # fmt: skip
+    done = compose_config(REDIS_PASSWORD="pw", GPT4P_HTTP_API_KEY=API_KEY, FLOWER_PASSWORD="pw2",
+                          REDIS_SCHEME="sentinel", REDIS_HOSTS=sentinel_hosts)  # fmt: skip
     assert done.returncode == 0, done.stderr
     environment = yaml.safe_load(done.stdout)["services"]["web"]["environment"]
     password = environment["GPT4P_REDIS_SENTINEL_PASSWORD"]

@@ -4,16 +4,23 @@ Channels, workers, helpers and deliverers run in many processes (and hosts);
 each adds to counters, histograms and gauges kept in Redis hashes, and
 ``GET /metrics`` renders them with prometheus_client. Recording never fails a
 job: a Redis error while recording is logged at debug level and dropped.
+
+A scrape reads a fixed number of keys, whatever else Redis holds: the
+counters, the gauges, the index of histograms, and the index of queues (every
+queue a job was submitted to or a worker consumes, written when that happens),
+whose lengths it asks in one pipeline. It never scans the keyspace, so
+``/metrics`` costs the same on a Redis with a million conversations.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import redis
+from celery.signals import worker_ready
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,12 +30,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.client import Pipeline
 
-from workers.status import queue_depths
+from workers.contract import DELIVERED_CHANNELS, INFERENCE_QUEUE, delivery_queue
 
 log = logging.getLogger(__name__)
 
 PREFIX = "gpt4p:metrics:"
 COUNTERS, GAUGES, HISTOGRAMS = PREFIX + "counters", PREFIX + "gauges", PREFIX + "histograms"
+QUEUES = PREFIX + "queues"  # the index of queues whose depth a scrape reports
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,6 +48,8 @@ DOCS = {
     "gpt4p_helper_failures": "Helper calls that failed, per helper and reason.",
     "gpt4p_deliveries": "Replies delivered, per channel.",
     "gpt4p_delivery_failures": "Replies that could not be delivered, per channel and reason.",
+    "gpt4p_outbound_capped": "Sends refused by the hourly outbound cap (reply held), per channel.",
+    "gpt4p_webhook_duplicates": "Webhooks refused as already seen (retries, replays), per channel.",
     "gpt4p_job_latency_seconds": "From job creation to reply, per channel.",
     "gpt4p_time_to_first_token_seconds": "From job start on a worker to its first text.",
     "gpt4p_worker_tokens_per_second": "Decode speed of each worker's latest answer.",
@@ -97,6 +107,12 @@ class Metrics:
             pipe.hset(key, "buckets", ",".join(str(b) for b in buckets))
 
         self._write(record)
+
+    def note_queues(self, names: Iterable[str]) -> None:
+        """Add queues to the index whose depths a scrape reports (idempotent, one SADD)."""
+        names = sorted(set(names))
+        if names:
+            self._write(lambda r: r.sadd(QUEUES, *names))
 
     def _write(self, commands: Callable[[Pipeline], object]) -> None:
         """Queue `commands` on the batch, or send them now in one transaction."""
@@ -165,6 +181,27 @@ class RedisCollector(Collector):
 
     def _queue_depths(self) -> Metric:
         family = GaugeMetricFamily("gpt4p_queue_depth", DOCS["gpt4p_queue_depth"], labels=["queue"])
-        for name, depth in queue_depths(self.redis).items():
+        for name, depth in indexed_queue_depths(self.redis).items():
             family.add_metric([name], float(depth))
         return family
+
+
+def indexed_queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Jobs waiting in the queues every deployment has and in the indexed ones (no SCAN)."""
+    fixed = {INFERENCE_QUEUE, *(delivery_queue(c) for c in DELIVERED_CHANNELS)}
+    names = sorted(fixed | {n.decode() for n in cast(set[bytes], client.smembers(QUEUES))})
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    lengths = pipe.execute(raise_on_error=False)
+    # A name that is not a list (WRONGTYPE) is not a queue: left out, not an error.
+    return {n: int(length) for n, length in zip(names, lengths, strict=True)
+            if not isinstance(length, Exception)}  # fmt: skip
+
+
+@worker_ready.connect
+def _index_consumed_queues(sender: Any, **_: object) -> None:
+    """Every worker (inference, helper, delivery) adds the queues it consumes to the index."""
+    from workers.app import broker_redis  # the worker's own client; the web app never gets here
+
+    Metrics(broker_redis()).note_queues(q.name for q in sender.task_consumer.queues)

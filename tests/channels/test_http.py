@@ -124,13 +124,14 @@ def test_not_ready_without_a_live_inference_worker(redis_server: RedisServer) ->
 
 
 def test_an_api_key_when_configured_is_required(echo_worker: str) -> None:
-    settings = Settings(redis_url=echo_worker, engine="echo", http_api_key="s3cret")
+    settings = Settings(redis_url=echo_worker, engine="echo", http_api_key="s3cret-of-16-chars")
     with TestClient(create_app(settings)) as web:
         body = {"messages": [{"role": "user", "content": "hi"}]}
         assert web.post("/v1/chat/completions", json=body).status_code == 401
         wrong = web.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer x"})
         assert wrong.status_code == 401
-        assert web.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        right = {"Authorization": "Bearer s3cret-of-16-chars"}
+        assert web.get("/v1/models", headers=right).status_code == 200
         assert web.get("/healthz").status_code == 200
 
 
