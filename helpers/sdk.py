@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.contract import MediaRef
+from workers.contract import HARD_LIMIT_MARGIN_S, MediaRef
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The longest text a helper call carries; each helper has its own, lower limit
+# (`max_input_chars`), checked before it runs.
+MAX_REQUEST_CHARS = 100_000
 
 
 class HelperError(Exception):
@@ -33,9 +36,12 @@ class HelperRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    text: str = Field("", max_length=100_000)
+    text: str = Field("", max_length=MAX_REQUEST_CHARS)
     media: list[MediaRef] = Field(default_factory=list, max_length=10)
-    channel: str = Field("", description="Where the answer goes (decides if images fit).")
+    channel: str = Field("", description="Where the answer goes.")
+    channel_carries_images: bool = Field(
+        False, description="The answer's channel can carry a picture: only then make one."
+    )
 
 
 class HelperResult(BaseModel):
@@ -64,6 +70,11 @@ class Helper:
     time_limit: float = 20.0
     max_input_chars: int = 2000
 
+    @property
+    def hard_time_limit(self) -> float:
+        """Seconds after which the helper's process is killed, if it ignored its time limit."""
+        return self.time_limit + HARD_LIMIT_MARGIN_S
+
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
             raise ValueError(f"helper name {self.name!r} must match {NAME_PATTERN.pattern}")
@@ -76,7 +87,11 @@ class Helper:
             raise HelperError(
                 f"that is too long for {self.name} (at most {self.max_input_chars} characters)"
             )
-        return self.handler(request)
+        result = self.handler(request)
+        if result.image_base64 is not None and not request.channel_carries_images:
+            # Never shipped (or stored in Redis) where nobody can receive it.
+            result = result.model_copy(update={"image_base64": None, "image_type": None})
+        return result
 
 
 def helper(

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown
 
 from helpers.registry import Heartbeat, HelperRegistry
@@ -47,21 +48,37 @@ def load_helper(name: str) -> Helper:
 
 
 def register_task(app: Celery, helper: Helper) -> Task:
-    """The Celery task that runs `helper`, with its time limits."""
+    """The Celery task that runs `helper`, with its time limits.
+
+    It returns the helper's result, ``{"error": message}`` for a `HelperError` (shown to
+    the user), or ``{"failure": "timeout"|"error"}`` when the helper ran out of time or
+    raised: the core words those. A hard kill (the hard time limit, a crash) reaches the
+    caller's errback instead, through Celery.
+    """
 
     @app.task(
         name=helper_task(helper.name),
         bind=True,
         soft_time_limit=helper.time_limit,
-        time_limit=helper.time_limit + 5,
+        time_limit=helper.hard_time_limit,
         resultrepr_maxsize=1,  # events show "{, ...}", not what the helper answered
+        # A helper that kills its process (a picture that exhausts memory) would kill
+        # every process it is requeued to: it fails, and its caller is answered.
+        reject_on_worker_lost=False,
     )
     def run_helper(self: Task, request_data: dict[str, Any]) -> dict[str, Any]:
-        request = HelperRequest.model_validate(request_data)
         try:
-            return helper.run(request).model_dump()
+            return helper.run(HelperRequest.model_validate(request_data)).model_dump()
         except HelperError as error:
             return {"error": str(error)}
+        except SoftTimeLimitExceeded:
+            log.warning("helper %s ran out of time", helper.name)
+            return {"failure": "timeout"}
+        except Exception as error:  # a helper's bug must not reach the user
+            # The class only: an exception's message may quote what the user sent.
+            log.warning("helper %s failed: %s", helper.name, error.__class__.__name__)
+            log.debug("helper %s traceback", helper.name, exc_info=True)
+            return {"failure": "error"}
 
     return run_helper
 

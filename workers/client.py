@@ -29,6 +29,7 @@ from workers.contract import (
     delivery_queue,
     delivery_task,
 )
+from workers.ledger import RESULT_KEY_PREFIX
 from workers.metrics import Metrics
 from workers.privacy import job_summary
 from workers.redis_client import redis_client
@@ -39,9 +40,6 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_PREFIX = "gpt4p:idem:"
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
-# Celery's Redis result backend stores a result under this key and publishes it on a
-# channel of the same name; waiting on the channel answers without polling.
-RESULT_KEY_PREFIX = "celery-task-meta-"
 RESULT_MAX_AGE_S = 24 * 3600  # celeryconfig.result_expires
 
 
@@ -89,7 +87,9 @@ def submit(
         retry_policy = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5}
         ledger.send(app, client, INFERENCE_TASK, [job.to_task_arg()], queue, task_id=job.id,
                     argsrepr=job_summary(job), retry=True, retry_policy=retry_policy)  # fmt: skip
-        Metrics(client).count("gpt4p_jobs_received", {"channel": job.channel})
+        with Metrics(client).batch() as metrics:
+            metrics.count("gpt4p_jobs_received", {"channel": job.channel})
+            metrics.note_queues([queue])  # /metrics reports its depth without a SCAN
     except (redis.RedisError, OperationalError) as error:
         if claimed and key is not None:
             _release(client, key)  # a retry of this source message must enqueue it again

@@ -34,6 +34,9 @@ def delivery_queue(channel: str) -> str:
 
 # Channels that answer later, from a task on their own queue (the others wait for the result).
 DELIVERED_CHANNELS = frozenset({"sms", "email"})
+# Channels that can carry a helper's picture with the text (as an attachment): helpers
+# make pictures only for these.
+IMAGE_CHANNELS = frozenset({"email"})
 
 
 def delivery_task(channel: str) -> str:
@@ -49,6 +52,18 @@ def helper_queue(name: str) -> str:
 def helper_task(name: str) -> str:
     """The task that runs the helper called `name`."""
     return f"gpt4people.helper.{name}"
+
+
+# A helper still running this long after its time limit (it ignored being asked to
+# stop, e.g. inside C code) has its process killed: its hard time limit.
+HARD_LIMIT_MARGIN_S = 5.0
+
+
+# A job handed over to a helper is answered by this task, on the job's own queue, with
+# the helper's result (no inference slot waits for a helper) ...
+AFTER_HELPER_TASK = "gpt4people.after-helper"
+# ... or, when the helper's process was killed, with a failure this errback reports.
+HELPER_FAILED_TASK = "gpt4people.helper-failed"
 
 
 def _now() -> datetime:
@@ -73,13 +88,29 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
+MAX_MEDIA_LINK_CHARS = 2048
+# An inline picture (a data: URL) of the image helper's largest, 10 MB, in base64 with its header.
+MAX_INLINE_MEDIA_CHARS = 14_000_000
+
+
+def check_media_url(url: str) -> str:
+    """`url` if it is a data: URL or a link of at most MAX_MEDIA_LINK_CHARS; else ValueError.
+
+    Only inline pictures are long; a link as long as a picture is not a link."""
+    if not url.startswith("data:") and len(url) > MAX_MEDIA_LINK_CHARS:
+        raise ValueError(f"a media link is at most {MAX_MEDIA_LINK_CHARS} characters")
+    return url
+
+
 class MediaRef(BaseModel):
-    """A media attachment (an MMS picture, an email attachment) kept by reference for helpers."""
+    """A media attachment (an MMS picture, an email attachment, an inline data: URL) for helpers."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str = Field(max_length=2048)
+    url: str = Field(max_length=MAX_INLINE_MEDIA_CHARS, description="A link, or a data: URL.")
     content_type: str = Field(max_length=255)
+
+    _links_are_short = field_validator("url")(check_media_url)
 
 
 class GenerationOptions(BaseModel):

@@ -8,9 +8,23 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from helpers.registry import HelperInfo
-from workers.contract import ChatMessage, FinishReason, GenerationOptions, Job, Reply
+from workers.contract import (
+    IMAGE_CHANNELS,
+    ChatMessage,
+    FinishReason,
+    GenerationOptions,
+    Job,
+    Reply,
+)
 from workers.engines import Engine, Generation, PromptTooLongError, TextSink
-from workers.routing import HelperGateway, HelperOutcome, parse_explicit, parse_tool_call
+from workers.routing import (
+    AfterHelper,
+    HelperCall,
+    HelperGateway,
+    HelperOutcome,
+    parse_explicit,
+    parse_tool_call,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +49,35 @@ def answer(
     on_text: TextSink | None = None,
     helpers: HelperGateway | None = None,
     offer_tools: bool = False,
-) -> Reply:
-    """Answer `job`: through a helper when one is named or fits its media, else the model."""
+) -> Reply | HelperCall:
+    """Answer `job`: through a helper when one is named or fits its media, else the model.
+
+    A helper that must run is not waited for: its `HelperCall` is returned, for the
+    caller to hand the job over (`workers.handover`) and `answer_after_helper` later.
+    """
     if helpers is not None:
         routed = _route(job, engine, helpers, offer_tools, on_text)
+        if isinstance(routed, HelperCall):
+            return routed
         if routed is not None:
             return routed.model_copy(update={"worker": worker})
     return generate_reply(job, engine, worker, on_text)
 
 
-# Channels that can carry a helper's image with the text (as an attachment).
-IMAGE_CHANNELS = frozenset({"email"})
+def answer_after_helper(
+    then: AfterHelper, outcome: HelperOutcome, engine: Engine, on_text: TextSink | None = None
+) -> Reply:
+    """The reply once a job's helper is done: its outcome, or, when the model asked for the
+    helper, the model's answer with the outcome."""
+    if then.tool_call is None:
+        return _helper_reply(then.job, outcome)
+    follow_up = [
+        ChatMessage(role="assistant", content=then.tool_call),
+        ChatMessage(role="user", content=f"The {then.helper} helper answered: {outcome.text}\n"
+                    "Use that to answer my question."),
+    ]  # fmt: skip
+    with_result = then.job.model_copy(update={"messages": [*then.job.messages, *follow_up]})
+    return generate_reply(with_result, engine, "", on_text)
 
 
 def _helper_reply(job: Job, outcome: HelperOutcome) -> Reply:
@@ -64,18 +96,21 @@ def _tool_instruction(helpers: list[HelperInfo]) -> str:
     )
 
 
+def _planned(job: Job, planned: HelperCall | HelperOutcome) -> Reply | HelperCall:
+    return planned if isinstance(planned, HelperCall) else _helper_reply(job, planned)
+
+
 def _route(
     job: Job, engine: Engine, helpers: HelperGateway, offer_tools: bool, on_text: TextSink | None
-) -> Reply | None:
+) -> Reply | HelperCall | None:
     explicit = parse_explicit(job.prompt)
     if explicit is not None:
         name, text = explicit
-        return _helper_reply(job, helpers.call(name, text, job.media, job.channel))
+        return _planned(job, helpers.plan(name, text, job))
     if job.media:
         fitting = helpers.for_media(job.media)
         if fitting is not None:
-            outcome = helpers.call(fitting.name, job.prompt, job.media, job.channel)
-            return _helper_reply(job, outcome)
+            return _planned(job, helpers.plan(fitting.name, job.prompt, job))
         if not job.prompt.strip():
             text = "I can't look at pictures right now. Please ask your question in words."
             return _helper_reply(job, HelperOutcome("none", text, ok=False))
@@ -88,8 +123,9 @@ def _route(
 def _answer_with_tools(
     job: Job, engine: Engine, helpers: HelperGateway, live: list[HelperInfo],
     on_text: TextSink | None,
-) -> Reply | None:  # fmt: skip
-    """Offer the live helpers; run one if the model asks, then let it answer with the result."""
+) -> Reply | HelperCall | None:  # fmt: skip
+    """Offer the live helpers; if the model asks for one, plan its call (the model answers
+    with its outcome in `answer_after_helper`)."""
     messages = list(job.messages)
     instruction = _tool_instruction(live)
     if messages[0].role == "system":
@@ -100,14 +136,12 @@ def _answer_with_tools(
     call = parse_tool_call(first.text, {h.name for h in live})
     if call is None:
         return None if not first.text.strip() else _model_reply(job, engine, first, on_text)
-    outcome = helpers.call(call[0], call[1], job.media, job.channel)
-    follow_up = ChatMessage(
-        role="user",
-        content=f"The {call[0]} helper answered: {outcome.text}\nUse that to answer my question.",
-    )
-    assistant = ChatMessage(role="assistant", content=first.text.strip())
-    with_result = job.model_copy(update={"messages": [*messages, assistant, follow_up]})
-    return generate_reply(with_result, engine, "", on_text)
+    offered = job.model_copy(update={"messages": messages})
+    planned = helpers.plan(call[0], call[1], offered, tool_call=first.text.strip())
+    if isinstance(planned, HelperCall):
+        return planned
+    then = AfterHelper(helper=call[0], job=offered, tool_call=first.text.strip())
+    return answer_after_helper(then, planned, engine, on_text)
 
 
 def _model_reply(

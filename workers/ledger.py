@@ -41,6 +41,8 @@ LEDGER_KEY = "gpt4p:ledger"  # task id -> JSON {name, args, queue, argsrepr, at,
 MISSING_KEY = "gpt4p:ledger:missing"  # task id -> when a sweep first found it nowhere
 LOCK_KEY = "gpt4p:ledger:sweep"
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
+# Celery's Redis result backend stores a task's result under this key and publishes it
+# on a channel of the same name; waiting on the channel answers without polling.
 RESULT_KEY_PREFIX = "celery-task-meta-"
 PRIORITY_SEPARATOR = "\x06\x16"  # kombu's queue name suffix for message priorities
 PRIORITY_STEPS = (3, 6, 9)
@@ -93,6 +95,29 @@ def send(
     return task_id
 
 
+def expect(
+    client: redis.Redis,
+    task_id: str,
+    name: str,
+    args: list[Any],
+    queue: str,
+    *,
+    within: float,
+    argsrepr: str | None = None,
+) -> None:
+    """Rewrite `task_id`'s entry: a task of that id will run on `queue` within `within`
+    seconds; if none has by then (its chain was lost), send `name(args)` in its place.
+
+    For a job handed over to a helper: the continuation that answers it runs later under
+    the job's id, and this fallback answers it if the helper's message is lost."""
+    entry = {"name": name, "args": args, "queue": queue, "argsrepr": argsrepr,
+             "at": time.time() + within, "resent": 0}  # fmt: skip
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(LEDGER_KEY, task_id, json.dumps(entry))
+    pipe.hdel(MISSING_KEY, task_id)
+    pipe.execute()
+
+
 def strike(client: redis.Redis, task_id: str) -> None:
     """The task has run: forget it."""
     pipe = client.pipeline(transaction=False)
@@ -125,7 +150,7 @@ def _failed_on_outage(meta: dict[str, Any]) -> bool:
     return isinstance(kind, type) and issubclass(kind, OUTAGE_ERRORS)
 
 
-def _finished(client: redis.Redis, task_ids: list[str]) -> set[str]:
+def finished(client: redis.Redis, task_ids: list[str]) -> set[str]:
     """Which of these tasks have a final result stored (ran, but were not struck off).
 
     A failure caused by a Redis outage is not final: the task is sent again."""
@@ -167,7 +192,7 @@ def sweep(
         client.hdel(MISSING_KEY, *reappeared)
     if not missing:
         return []
-    done = _finished(client, sorted(missing))
+    done = finished(client, sorted(missing))
     for task_id in done:
         strike(client, task_id)
     resent = []

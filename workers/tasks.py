@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import Task, bootsteps
+from celery.exceptions import Ignore
 from celery.signals import (
     task_received,
     worker_process_init,
@@ -25,19 +26,23 @@ from helpers.registry import HelperRegistry
 from workers.app import app, broker_redis
 from workers.client import enqueue_delivery
 from workers.contract import (
+    AFTER_HELPER_TASK,
     DELIVERED_CHANNELS,
     INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
     Reply,
 )
-from workers.core import answer
+from workers.core import answer, answer_after_helper
 from workers.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
+from workers.handover import answered, hand_over
 from workers.liveness import WorkerHeartbeat
 from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from workers.model_files import model_label
+from workers.privacy import delivered_summary
+from workers.ratelimit import SenderRateLimit
 from workers.recovery import Recovery, delivery_tag, instance_id, record_owner
-from workers.routing import HelperGateway
+from workers.routing import RATE_PREFIX, AfterHelper, HelperCall, HelperGateway
 from workers.settings import get_settings
 from workers.streaming import encode_event, stream_channel
 
@@ -52,8 +57,11 @@ def get_gateway() -> HelperGateway:
     """This process's way to call helpers (one Redis connection pool)."""
     global _gateway
     if _gateway is None:
-        registry = HelperRegistry(broker_redis(), ttl=get_settings().helper_ttl)
-        _gateway = HelperGateway(app, registry)
+        settings = get_settings()
+        registry = HelperRegistry(broker_redis(), ttl=settings.helper_ttl)
+        limit = SenderRateLimit(broker_redis(), RATE_PREFIX, settings.helper_rate_limit,
+                                settings.helper_rate_window)  # fmt: skip
+        _gateway = HelperGateway(registry, limit)
     return _gateway
 
 
@@ -244,26 +252,67 @@ def _observe(metrics: Metrics, job: Job, reply: Reply, worker: str, timing: _Tim
                           reply.completion_tokens / elapsed)  # fmt: skip
 
 
-# resultrepr_maxsize=1: events (Flower, `celery events`) show "{, ...}", not the answer.
-@app.task(name=INFERENCE_TASK, bind=True, resultrepr_maxsize=1)
-def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
-    """Answer one job; the returned dict is a `Reply` in JSON form."""
-    job = Job.model_validate(job_data)
-    worker = self.request.hostname or ""
-    helpers, tools = get_gateway(), get_settings().model_tools
-    timing = _Timing()
-    stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
-    reply = answer(job, get_engine(), worker, timing.wrap(stream), helpers, tools)
+def _queue_of(task: Task) -> str:
+    """The queue `task`'s message came from: a job's continuation goes back to it."""
+    delivery_info = task.request.delivery_info or {}
+    return str(delivery_info.get("routing_key") or INFERENCE_QUEUE)
+
+
+def _finish(task: Task, job: Job, reply: Reply, timing: _Timing,
+            stream: _StreamPublisher | None) -> dict[str, Any]:  # fmt: skip
+    """Close the stream, record and log the reply; its JSON is the task's result."""
     if stream is not None:
         stream.end()  # the listener stops here and waits for the reply, stored next
+    worker = task.request.hostname or ""
     _record(job, reply, worker, timing)
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,
         reply.duration_ms, reply.finish_reason,
     )  # fmt: skip
-    result = reply.model_dump(mode="json")
     if job.channel in DELIVERED_CHANNELS:
-        # The channel answers later: hand the reply to its delivery queue.
-        enqueue_delivery(self.app, broker_redis(), reply)
-    return result
+        # The channel answers later: hand the reply to its delivery queue, and store only
+        # a summary (no address, no text) as this task's result.
+        enqueue_delivery(task.app, broker_redis(), reply)
+        return delivered_summary(reply)
+    return reply.model_dump(mode="json")
+
+
+# resultrepr_maxsize=1: events (Flower, `celery events`) show "{, ...}", not the answer.
+@app.task(name=INFERENCE_TASK, bind=True, resultrepr_maxsize=1)
+def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
+    """Answer one job; the returned dict is a `Reply` in JSON form.
+
+    A job for a helper is handed over instead: this task ends without a result and the
+    slot is free; `after_helper` stores the reply under the job's id later.
+    """
+    job = Job.model_validate(job_data)
+    worker = self.request.hostname or ""
+    helpers, tools = get_gateway(), get_settings().model_tools
+    timing = _Timing()
+    stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
+    answered = answer(job, get_engine(), worker, timing.wrap(stream), helpers, tools)
+    if isinstance(answered, HelperCall):
+        hand_over(self.app, broker_redis(), answered, _queue_of(self))
+        raise Ignore()  # acknowledged, no result: the job's ledger entry now waits for it
+    return _finish(self, job, answered, timing, stream)
+
+
+# Under the job's id, so never "started": a duplicate continuation would overwrite the
+# stored reply with STARTED, and a caller still waiting would wait on.
+@app.task(name=AFTER_HELPER_TASK, bind=True, resultrepr_maxsize=1, track_started=False)
+def after_helper(self: Task, value: dict[str, Any], then_data: dict[str, Any]) -> dict[str, Any]:
+    """Answer a job handed over to a helper with the helper's `value` (see workers.handover)."""
+    then = AfterHelper.model_validate(then_data)
+    job = then.job
+    if answered(broker_redis(), job.id):
+        # A duplicate (the errback reported twice) or one later than the ledger's "late":
+        # the job has its reply. Without one, even a rerun answers (its process died).
+        log.info("job %s was already answered; this helper answer is dropped", job.id)
+        raise Ignore()
+    outcome = get_gateway().outcome(then.helper, value)
+    timing = _Timing()
+    stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
+    reply = answer_after_helper(then, outcome, get_engine(), timing.wrap(stream))
+    worker = self.request.hostname or ""
+    return _finish(self, job, reply.model_copy(update={"worker": worker}), timing, stream)
