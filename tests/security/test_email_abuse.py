@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -42,6 +42,7 @@ from tests.channels.test_email import answers, body_of, mail
 from tests.conftest import base_env, redis_url, start_worker, stop_process, wait_for
 from tests.security.conftest import DB_SEC_EMAIL
 from workers.app import celery_for
+from workers.client import RESULT_KEY_PREFIX
 from workers.contract import Reply
 from workers.redis_server import RedisServer
 from workers.settings import Settings
@@ -202,10 +203,13 @@ def prompt_words(client: redis.Redis, message_id: str) -> int:
     earlier turns were joined.
     """
 
-    def stored() -> bytes | None:
-        return cast(bytes | None, client.get(f"celery-task-meta-email-{digest(message_id)}"))
+    def stored() -> dict[str, Any] | None:
+        # The job's STARTED record comes first; its answer replaces it.
+        raw = cast(bytes | None, client.get(f"{RESULT_KEY_PREFIX}email-{digest(message_id)}"))
+        meta = json.loads(raw) if raw else None
+        return meta if meta and meta.get("status") == "SUCCESS" else None
 
-    result = json.loads(wait_for(stored, 30, f"the answer to {message_id}"))["result"]
+    result = wait_for(stored, 30, f"the answer to {message_id}")["result"]
     return int(result["prompt_tokens"])
 
 
