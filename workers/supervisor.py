@@ -49,6 +49,13 @@ class StackError(RuntimeError):
     """The stack cannot start here; the message says what to change."""
 
 
+OPEN_API_WARNING = (
+    "gpt4people: WARNING: the HTTP API listens on {host} (GPT4P_HTTP_HOST) without "
+    "GPT4P_HTTP_API_KEY: anyone who reaches it can use the model and read /metrics. "
+    'Set a key before going public (README, "Security").'
+)
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
     if host.lower() == "localhost":
@@ -215,7 +222,8 @@ class Stack:
         self._announce()
 
     def _announce(self) -> None:
-        host, port = self.settings.http_host, self.settings.http_port
+        settings = self.settings
+        host, port = settings.http_host, settings.http_port
         where = "embedded" if self.redis else "external"
         login = " (login: GPT4P_FLOWER_BASIC_AUTH)" if self.settings.flower_basic_auth else ""
         lines = [
@@ -230,6 +238,8 @@ class Stack:
         ]
         banner = "gpt4people is up:\n  " + "\n  ".join(lines)
         print(scrub(banner, url_secrets(self.redis_url or "")), flush=True)
+        if not is_loopback(host) and not (settings.http_api_key or settings.http_api_keys):
+            print(OPEN_API_WARNING.format(host=host), file=sys.stderr, flush=True)
 
     def watch(self) -> int:
         """Restart children that die (a few times); return when asked to stop or they keep dying."""

@@ -141,6 +141,8 @@ def test_flower_stays_on_loopback_when_the_web_app_faces_the_network(
     assert listening_addresses(public_web_stack.flower_port) == {"127.0.0.1"}
     banner = public_web_stack.log.read_text()
     assert f"Flower           http://127.0.0.1:{public_web_stack.flower_port}/" in banner
+    # A web app facing the network without an API key is said out loud.
+    assert "listens on 0.0.0.0 (GPT4P_HTTP_HOST) without GPT4P_HTTP_API_KEY" in banner
 
 
 def test_up_refuses_a_public_flower_without_a_login(tmp_path: Path) -> None:
