@@ -81,6 +81,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@contextlib.contextmanager
+def emptied_database(url: str) -> Iterator[redis.Redis]:
+    """A client of the Redis database at `url`, which is emptied before and after use."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield client
+        client.flushdb()
+    finally:
+        client.close()
+
+
 def redis_url(server: RedisServer, db: int) -> str:
     """The URL of database `db` on `server`, with its password."""
     # Built from `server.url` (database 0), which every version of RedisServer has.

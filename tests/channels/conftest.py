@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,10 +39,7 @@ def sms_env(redis_server: RedisServer, state_dir: Path, twilio: TwilioRecorder) 
         state_dir,
         redis_url=redis_url(redis_server, DB_SMS),
         engine="echo",
-        twilio_account_sid=twilio.account_sid,
-        twilio_auth_token=twilio.auth_token,
-        twilio_from="+15550000000",
-        twilio_api_base=twilio.url,
+        **twilio.settings(),
         sms_retry_backoff="0.1",
         sms_rate_limit=str(SMS_RATE_LIMIT),
         sms_max_inbound_chars="8000",
@@ -96,14 +94,26 @@ def start_poller(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def running_email_stack(
+    env: dict[str, str], name: str
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """An echo inference worker and a delivery worker (NAME-echo@test, NAME-deliver@test)
+    and the mailbox poller, stopped on leaving."""
+    processes = {
+        "inference": start_worker(env, f"{name}-echo@test"),
+        "deliver": start_worker(env, f"{name}-deliver@test", command="deliver"),
+        "poller": start_poller(env),
+    }
+    try:
+        yield processes
+    finally:
+        for process in processes.values():
+            stop_process(process)
+
+
 @pytest.fixture(scope="session")
 def email_stack(email_env: dict[str, str]) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """An echo inference worker, a delivery worker and the mailbox poller."""
-    processes = {
-        "inference": start_worker(email_env, "email-echo@test"),
-        "deliver": start_worker(email_env, "email-deliver@test", command="deliver"),
-        "poller": start_poller(email_env),
-    }
-    yield processes
-    for process in processes.values():
-        stop_process(process)
+    with running_email_stack(email_env, "email") as processes:
+        yield processes

@@ -53,6 +53,11 @@ class TwilioRecorder:
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
 
+    def settings(self) -> dict[str, str]:
+        """The `base_env` settings of a process that texts through this recorder as OUR_NUMBER."""
+        return {"twilio_account_sid": self.account_sid, "twilio_auth_token": self.auth_token,
+                "twilio_from": OUR_NUMBER, "twilio_api_base": self.url}  # fmt: skip
+
     def fail(self, to: str, *answers: tuple[int, int | None]) -> None:
         """Answer the next sends to `to` with these (HTTP status, Twilio error code)s."""
         with self.lock:

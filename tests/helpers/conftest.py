@@ -40,11 +40,14 @@ def helper_env(redis_server: RedisServer, state_dir: Path) -> dict[str, str]:
                     model_tools="true", helper_ttl=str(HELPER_TTL))  # fmt: skip
 
 
-def start_helper(env: dict[str, str], name: str, target: str) -> subprocess.Popen[bytes]:
-    """Start `gpt4people helper TARGET` (its log is in the state folder)."""
+def start_helper(
+    env: dict[str, str], name: str, target: str, host: str = "test"
+) -> subprocess.Popen[bytes]:
+    """Start `gpt4people helper TARGET` as NAME@HOST, one process (its log is in the state
+    folder)."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"helper-{name}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", target, "--hostname", f"{name}@test",
+        [sys.executable, "-m", "workers.cli", "helper", target, "--hostname", f"{name}@{host}",
          "--concurrency", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

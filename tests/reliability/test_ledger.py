@@ -22,7 +22,14 @@ import redis
 from celery import Celery
 from celery.signals import task_postrun
 
-from tests.conftest import base_env, redis_url, start_worker, stop_process, wait_for
+from tests.conftest import (
+    base_env,
+    emptied_database,
+    redis_url,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 from workers import ledger
 from workers.app import celery_for
 from workers.client import IDEMPOTENCY_PREFIX, IDEMPOTENCY_TTL_S, RESULT_KEY_PREFIX, submit
@@ -37,11 +44,8 @@ DB_LEDGER = 12
 @pytest.fixture
 def ledger_url(redis_server: RedisServer) -> Iterator[str]:
     url = redis_url(redis_server, DB_LEDGER)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with emptied_database(url):
+        yield url
 
 
 @pytest.fixture

@@ -36,10 +36,10 @@ from channels.email_auth import from_authenticated
 from channels.email_delivery import compose_reply
 from channels.email_parse import UnreadableMailError, read_mail
 from channels.email_poller import HANDLED, SET_ASIDE, MailboxPoller
-from tests.channels.conftest import EMAIL_FROM, start_poller
+from tests.channels.conftest import EMAIL_FROM, running_email_stack
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.channels.test_email import answers, body_of, mail
-from tests.conftest import base_env, redis_url, start_worker, stop_process, wait_for
+from tests.conftest import base_env, redis_url, wait_for
 from tests.security.conftest import DB_SEC_EMAIL
 from workers.app import celery_for
 from workers.client import RESULT_KEY_PREFIX
@@ -115,14 +115,8 @@ def abuse_stack(
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """An echo inference worker, a delivery worker and the poller of FOLDER."""
     create_folder(dovecot, FOLDER)
-    processes = {
-        "inference": start_worker(abuse_env, "sec-email-echo@test"),
-        "deliver": start_worker(abuse_env, "sec-email-deliver@test", command="deliver"),
-        "poller": start_poller(abuse_env),
-    }
-    yield processes
-    for process in processes.values():
-        stop_process(process)
+    with running_email_stack(abuse_env, "sec-email") as processes:
+        yield processes
 
 
 def settings_of(env: dict[str, str], **changes: str | None) -> Settings:

@@ -35,6 +35,7 @@ from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
 from tests.conftest import (
     ROOT,
     base_env,
+    emptied_database,
     ping_worker,
     redis_url,
     settings_of,
@@ -43,6 +44,7 @@ from tests.conftest import (
     stop_process,
     wait_for,
 )
+from tests.helpers.conftest import start_helper
 from tests.security.abusive_helpers import CRASH_RUNS_KEY, LATCH_PREFIX
 from tests.security.conftest import DB_SEC_HELPERS
 from workers import ledger
@@ -82,19 +84,7 @@ def env(
     return base_env(
         state, redis_url=redis_url(redis_server, DB_SEC_HELPERS), engine="scripted",
         model_tools="true", worker_concurrency="1", helper_ttl="3", worker_heartbeat_ttl="1",
-        helper_rate_limit=str(RATE_LIMIT), helper_rate_window="604800",
-        twilio_account_sid=twilio.account_sid, twilio_auth_token=twilio.auth_token,
-        twilio_api_base=twilio.url,
-    )  # fmt: skip
-
-
-def start_helper(env: dict[str, str], name: str, target: str) -> subprocess.Popen[bytes]:
-    """`gpt4people helper TARGET` as NAME@sec-helpers, one process."""
-    log = open(Path(env["GPT4P_STATE_DIR"]) / f"helper-{name}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", target, "--hostname",
-         f"{name}@sec-helpers", "--concurrency", "1"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        helper_rate_limit=str(RATE_LIMIT), helper_rate_window="604800", **twilio.settings(),
     )  # fmt: skip
 
 
@@ -117,17 +107,15 @@ def start_sms_deliverer(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 @pytest.fixture(scope="module")
 def client(env: dict[str, str]) -> Iterator[redis.Redis]:
-    """A client of the module's Redis database, emptied first."""
-    client = redis.Redis.from_url(env["GPT4P_REDIS_URL"])
-    client.flushdb()
-    yield client
-    client.close()
+    """A client of the module's Redis database, empty at the start and at the end."""
+    with emptied_database(env["GPT4P_REDIS_URL"]) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
 def stack(env: dict[str, str], client: redis.Redis) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Every helper registered and live, the inference worker and the SMS deliverer."""
-    processes = {name: start_helper(env, name, target) for name, target in HELPERS.items()}
+    processes = {n: start_helper(env, n, target, "sec-helpers") for n, target in HELPERS.items()}
     registry = HelperRegistry(client, ttl=3)
     try:
         processes["inference"] = start_worker(env, INFERENCE)

@@ -40,10 +40,11 @@ from channels.sms_media import MediaRefusedError, fetch_media
 from channels.sms_state import number_id
 from helpers.registry import HelperRegistry
 from tests.channels.test_sms import replies, text, wait_idle
-from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
+from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import (
     ROOT,
     base_env,
+    emptied_database,
     redis_url,
     settings_of,
     start_web,
@@ -164,10 +165,7 @@ def env(
         tmp_path_factory.mktemp("sec-kept"),
         redis_url=redis_url(redis_server, DB_SEC_KEPT),
         engine="echo",
-        twilio_account_sid=twilio.account_sid,
-        twilio_auth_token=twilio.auth_token,
-        twilio_from=OUR_NUMBER,
-        twilio_api_base=twilio.url,
+        **twilio.settings(),
         sms_retry_backoff="0.1",
     )
 
@@ -175,11 +173,8 @@ def env(
 @pytest.fixture(scope="module")
 def client(env: dict[str, str]) -> Iterator[redis.Redis]:
     """A client of the module's database, empty at the start and at the end."""
-    client = redis.Redis.from_url(env["GPT4P_REDIS_URL"])
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with emptied_database(env["GPT4P_REDIS_URL"]) as client:
+        yield client
 
 
 def start_image_helper(env: dict[str, str]) -> subprocess.Popen[bytes]:

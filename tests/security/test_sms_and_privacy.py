@@ -29,9 +29,10 @@ from celery import Celery
 from tests.channels.mail_servers import SmtpCapture
 from tests.channels.test_http import metric_values
 from tests.channels.test_sms import new_sid, replies, text
-from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
+from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import (
     base_env,
+    emptied_database,
     redis_url,
     settings_of,
     start_web,
@@ -71,10 +72,7 @@ def stack_env(
         tmp_path_factory.mktemp("sec-sms"),
         redis_url=redis_url(redis_server, DB_SEC_SMS),
         engine="echo",
-        twilio_account_sid=twilio.account_sid,
-        twilio_auth_token=twilio.auth_token,
-        twilio_from=OUR_NUMBER,
-        twilio_api_base=twilio.url,
+        **twilio.settings(),
         sms_retry_backoff="0.1",
         smtp_host=smtp.host,
         smtp_port=str(smtp.port),
@@ -89,11 +87,8 @@ def stack_env(
 @pytest.fixture(scope="module")
 def client(stack_env: dict[str, str]) -> Iterator[redis.Redis]:
     """A client of the module's database, empty at the start and at the end."""
-    client = redis.Redis.from_url(stack_env["GPT4P_REDIS_URL"])
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with emptied_database(stack_env["GPT4P_REDIS_URL"]) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
