@@ -31,7 +31,6 @@ from workers.contract import (
 )
 from workers.ledger import RESULT_KEY_PREFIX
 from workers.metrics import Metrics
-from workers.privacy import job_summary
 from workers.redis_client import redis_client
 from workers.redis_server import RedisUnavailableError
 from workers.redis_urls import redact_url
@@ -86,7 +85,7 @@ def submit(
         # Bounded: a webhook must answer Twilio within its 15 s, spooling if need be.
         retry_policy = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5}
         ledger.send(app, client, INFERENCE_TASK, [job.to_task_arg()], queue, task_id=job.id,
-                    argsrepr=job_summary(job), retry=True, retry_policy=retry_policy)  # fmt: skip
+                    retry=True, retry_policy=retry_policy)  # fmt: skip
         with Metrics(client).batch() as metrics:
             metrics.count("gpt4p_jobs_received", {"channel": job.channel})
             metrics.note_queues([queue])  # /metrics reports its depth without a SCAN
@@ -108,8 +107,7 @@ def enqueue_delivery(app: Celery, client: redis.Redis, reply: Reply) -> None:
 
     `client` is a Redis client of the broker's server."""
     ledger.send(app, client, delivery_task(reply.channel), [reply.model_dump(mode="json")],
-                delivery_queue(reply.channel), task_id=f"{reply.job_id}.deliver",
-                argsrepr=f"<reply to job {reply.job_id} via {reply.channel}>")  # fmt: skip
+                delivery_queue(reply.channel), task_id=f"{reply.job_id}.deliver")  # fmt: skip
 
 
 def _claimed_but_never_queued(client: redis.Redis, job: Job, key: str, existing: str) -> bool:

@@ -64,10 +64,6 @@ def helper_call_id(job_id: str) -> str:
     return f"{job_id}.helper"
 
 
-def _summary(job_id: str, helper: str) -> str:
-    return f"<answer to job {job_id} from helper {helper}>"
-
-
 def hand_over(app: Celery, client: redis.Redis, call: HelperCall, queue: str) -> None:
     """Queue `call`'s helper with its continuation on `queue`; the ledger answers the job if
     all else is lost.
@@ -78,27 +74,24 @@ def hand_over(app: Celery, client: redis.Redis, call: HelperCall, queue: str) ->
     job, name = call.then.job, call.info.name
     then = call.then.model_dump(mode="json")
     within = call.info.time_limit + HARD_LIMIT_MARGIN_S + WAIT_MARGIN_S
-    summary = _summary(job.id, name)
     # First the fallback, then the call: a crash in between leaves a job answered late.
     ledger.expect(client, job.id, AFTER_HELPER_TASK, [{"failure": "late"}, then], queue,
-                  within=within, argsrepr=summary)  # fmt: skip
-    finish = app.signature(AFTER_HELPER_TASK, args=[then], queue=queue, task_id=job.id,
-                           argsrepr=summary, kwargsrepr="{}")  # fmt: skip
+                  within=within)  # fmt: skip
+    finish = app.signature(AFTER_HELPER_TASK, args=[then], queue=queue, task_id=job.id)
     failed = app.signature(HELPER_FAILED_TASK, args=[then, queue])
     request = call.request
     app.send_task(
         helper_task(name), args=[request.model_dump(mode="json")], queue=call.info.queue,
         task_id=helper_call_id(job.id), link=finish, link_error=failed,
-        ignore_result=True, expires=within, kwargsrepr="{}",
-        argsrepr=f"<helper request, {len(request.text)} chars, {len(request.media)} media>",
+        ignore_result=True, expires=within,
     )  # fmt: skip
 
 
 def send_continuation(app: Celery, value: dict[str, Any], then: dict[str, Any], queue: str) -> None:
     """Answer the job of `then` with the helper's `value`, on the job's `queue`."""
-    job_id, helper = str(then["job"]["id"]), str(then["helper"])
-    app.send_task(AFTER_HELPER_TASK, args=[value, then], queue=queue, task_id=job_id,
-                  argsrepr=_summary(job_id, helper), kwargsrepr="{}")  # fmt: skip
+    app.send_task(
+        AFTER_HELPER_TASK, args=[value, then], queue=queue, task_id=str(then["job"]["id"])
+    )
 
 
 def answered(client: redis.Redis, job_id: str) -> bool:

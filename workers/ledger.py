@@ -37,7 +37,7 @@ from celery.signals import task_postrun, task_revoked
 
 log = logging.getLogger(__name__)
 
-LEDGER_KEY = "gpt4p:ledger"  # task id -> JSON {name, args, queue, argsrepr, at, resent}
+LEDGER_KEY = "gpt4p:ledger"  # task id -> JSON {name, args, queue, at, resent}
 MISSING_KEY = "gpt4p:ledger:missing"  # task id -> when a sweep first found it nowhere
 LOCK_KEY = "gpt4p:ledger:sweep"
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
@@ -82,16 +82,15 @@ def send(
     queue: str,
     *,
     task_id: str | None = None,
-    argsrepr: str | None = None,
     **options: Any,
 ) -> str:
-    """Write the task to the ledger, then queue it; return its id. Raises on Redis errors."""
+    """Write the task to the ledger, then queue it; return its id. Raises on Redis errors.
+
+    Events and dashboards show its arguments as a summary (`workers.privacy`)."""
     task_id = task_id or str(uuid.uuid4())
-    entry = {"name": name, "args": args, "queue": queue, "argsrepr": argsrepr,
-             "at": time.time(), "resent": 0}  # fmt: skip
+    entry = {"name": name, "args": args, "queue": queue, "at": time.time(), "resent": 0}
     client.hset(LEDGER_KEY, task_id, json.dumps(entry))
-    app.send_task(name, args=args, task_id=task_id, queue=queue, argsrepr=argsrepr,
-                  kwargsrepr="{}", **options)  # fmt: skip
+    app.send_task(name, args=args, task_id=task_id, queue=queue, **options)
     return task_id
 
 
@@ -103,15 +102,14 @@ def expect(
     queue: str,
     *,
     within: float,
-    argsrepr: str | None = None,
 ) -> None:
     """Rewrite `task_id`'s entry: a task of that id will run on `queue` within `within`
     seconds; if none has by then (its chain was lost), send `name(args)` in its place.
 
     For a job handed over to a helper: the continuation that answers it runs later under
     the job's id, and this fallback answers it if the helper's message is lost."""
-    entry = {"name": name, "args": args, "queue": queue, "argsrepr": argsrepr,
-             "at": time.time() + within, "resent": 0}  # fmt: skip
+    entry = {"name": name, "args": args, "queue": queue, "at": time.time() + within,
+             "resent": 0}  # fmt: skip
     pipe = client.pipeline(transaction=False)
     pipe.hset(LEDGER_KEY, task_id, json.dumps(entry))
     pipe.hdel(MISSING_KEY, task_id)
@@ -217,8 +215,7 @@ def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any
     entry = dict(entry, at=time.time(), resent=entry.get("resent", 0) + 1)
     client.hset(LEDGER_KEY, task_id, json.dumps(entry))
     client.hdel(MISSING_KEY, task_id)
-    app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"],
-                  argsrepr=entry.get("argsrepr"), kwargsrepr="{}")  # fmt: skip
+    app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"])
     log.warning("task %s (%s) was lost from Redis; sent again", task_id, entry["name"])
     return True
 

@@ -35,7 +35,6 @@ from workers.contract import (
     AFTER_HELPER_TASK,
     HELPER_FAILED_TASK,
     INFERENCE_TASK,
-    Job,
     Reply,
     delivery_queue,
     delivery_task,
@@ -55,11 +54,6 @@ HELPER_PREFIX = helper_task("")
 SUMMARY_FIELDS = frozenset({"job_id", "channel", "model", "engine", "finish_reason",
                             "prompt_tokens", "completion_tokens", "worker", "duration_ms",
                             "created_at"})  # fmt: skip
-
-
-def job_summary(job: Job) -> str:
-    """What logs and dashboards show instead of the job itself."""
-    return _job_line(job.id, job.channel, len(job.messages))
 
 
 def _job_line(job_id: str, channel: str, messages: int) -> str:
