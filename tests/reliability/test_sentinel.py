@@ -225,8 +225,10 @@ def test_a_part_whose_replica_wait_fails_is_sent_at_once_by_the_retry(
                         twilio_auth_token=twilio.auth_token, twilio_api_base=twilio.url,
                         twilio_from="+15550000000")  # type: ignore[arg-type]  # fmt: skip
     with primary, replica, redis_client(primary.url, socket_timeout=5) as client:
-        wait_for(lambda: client.info("replication")["connected_slaves"] == 1, 30,
-                 "the replica to connect")  # fmt: skip
+        # Online, not just connected: a replica still syncing is not counted, and then
+        # nothing is waited for (so nothing would fail).
+        wait_for(lambda: client.info("replication").get("slave0", {}).get("state") == "online",
+                 30, "the replica to finish its first sync")  # fmt: skip
         with pytest.raises(redis.ResponseError):
             send_parts(reply, TwilioSender(settings), SmsState(client, settings), max_parts=3)
         assert twilio.attempts(to) == []
