@@ -19,11 +19,14 @@ COPY scripts/ scripts/
 # pass CMAKE_ARGS to build for another CPU. LLAMA_CUDA=1 adds -DGGML_CUDA=on.
 RUN GPT4P_LLAMA_CUDA=${LLAMA_CUDA} scripts/install-llama /opt/venv
 COPY pyproject.toml README.md celeryconfig.py ./
+COPY kernel/ kernel/
+COPY answer/ answer/
 COPY workers/ workers/
 COPY channels/ channels/
 COPY helpers/ helpers/
+COPY gpt4people/ gpt4people/
 RUN pip install --no-cache-dir . \
- && GPT4P_CACHE_DIR=/opt/gpt4people python -c "from workers.settings import load_settings; from workers.model_files import default_model_path; default_model_path(load_settings())"
+ && GPT4P_CACHE_DIR=/opt/gpt4people python -c "from kernel.settings import load_settings; from kernel.model_files import default_model_path; default_model_path(load_settings())"
 
 RUN useradd --create-home --uid 10001 gpt4people
 USER gpt4people

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args scripts/
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	scripts/install-llama $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "from workers.settings import load_settings; from workers.model_files import default_model_path; print('model:', default_model_path(load_settings()))"
+	$(BIN)/python -c "from kernel.settings import load_settings; from kernel.model_files import default_model_path; print('model:', default_model_path(load_settings()))"
 	@touch $(STAMP)
 
 run: install
@@ -25,6 +25,7 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

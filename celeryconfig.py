@@ -1,21 +1,18 @@
 """Celery settings for every GPT4People process, read with ``app.config_from_object``.
 
 Each reliability setting says which failure it covers. Values that operators
-tune come from `workers.settings` (GPT4P_*), never from a second place.
+tune come from `kernel.settings` (GPT4P_*), never from a second place.
 """
 
 from kombu import Queue
 
-from workers.contract import (
-    DELIVERED_CHANNELS,
+from kernel.channels import delivered_channels
+from kernel.contract import (
     INFERENCE_QUEUE,
     INFERENCE_TASK,
-    delivery_queue,
-    delivery_task,
 )
-from workers.redis_client import celery_transport_options
-from workers.redis_server import resolve_redis_url
-from workers.settings import get_settings
+from kernel.redis_client import celery_transport_options, resolve_redis_url
+from kernel.settings import get_settings
 
 _settings = get_settings()
 
@@ -32,10 +29,10 @@ task_queues = [Queue(INFERENCE_QUEUE, routing_key=INFERENCE_QUEUE)]
 task_default_queue = INFERENCE_QUEUE
 task_routes = {
     INFERENCE_TASK: {"queue": INFERENCE_QUEUE},
-    **{delivery_task(c): {"queue": delivery_queue(c)} for c in sorted(DELIVERED_CHANNELS)},
+    **{c.delivery_task: {"queue": c.delivery_queue} for c in delivered_channels()},
 }
 # Every worker knows the delivery tasks; which queues it consumes decides what it runs.
-imports = ("workers.tasks", "channels.sms_delivery", "channels.email_delivery")
+imports = ("workers.tasks", "channels.sms.delivery", "channels.email.delivery")
 
 # Acknowledge after the answer exists, not on receipt: a worker that dies
 # mid-generation leaves the job in Redis for another worker instead of losing it.

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _client(url: str) -> Celery:
     os.environ["GPT4P_REDIS_URL"] = url
+    from kernel.settings import load_settings
     from workers.app import celery_for
-    from workers.settings import load_settings
 
     return celery_for(load_settings())
 
@@ -51,8 +51,8 @@ def _redis_round_trip(url: str, n: int) -> list[float]:
 
 
 def _jobs(url: str, n: int, prompt: str, max_tokens: int | None) -> list[float]:
+    from kernel.contract import ChatMessage, GenerationOptions, Job
     from workers.client import submit, wait_for_reply
-    from workers.contract import ChatMessage, GenerationOptions, Job
 
     app = _client(url)
     samples = []
@@ -71,7 +71,7 @@ def _cli(env: dict[str, str], n: int, prompt: str) -> list[float]:
     samples = []
     for _ in range(n):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "workers.cli", "ask", prompt], env=env, check=True,
+        subprocess.run([sys.executable, "-m", "gpt4people.cli", "ask", prompt], env=env, check=True,
                        capture_output=True, timeout=300)  # fmt: skip
         samples.append(time.perf_counter() - started)
     return samples
@@ -85,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    from gpt4people.redis_server import RedisServer, new_password
     from tests.conftest import base_env, start_worker, stop_process
-    from workers.redis_server import RedisServer, new_password
 
     with (
         tempfile.TemporaryDirectory() as tmp,

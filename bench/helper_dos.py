@@ -69,7 +69,7 @@ def _ask_time(base: str) -> float:
 
 
 def _received(client: redis.Redis) -> int:
-    from workers.metrics import COUNTERS
+    from kernel.metrics import COUNTERS
 
     raw = client.hget(COUNTERS, RECEIVED)
     return int(float(raw)) if isinstance(raw, bytes) else 0
@@ -114,7 +114,7 @@ def _round(base: str, client: redis.Redis, hostile: str, count: int) -> dict[str
 
 
 def _live_helpers(client: redis.Redis) -> set[str]:
-    from helpers.registry import HelperRegistry  # after `workers`, which helpers need first
+    from kernel.helper_registry import HelperRegistry  # after `workers`, which helpers need first
 
     return {h.name for h in HelperRegistry(client).live()}
 
@@ -123,7 +123,7 @@ def _start_helper(env: dict[str, str], name: str, target: str) -> subprocess.Pop
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"helper-{name}.log", "wb")  # noqa: SIM115
     processes = NAP_PROCESSES if name == "nap" else 1
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", target, "--hostname", f"{name}@bench",
+        [sys.executable, "-m", "gpt4people.cli", "helper", target, "--hostname", f"{name}@bench",
          "--concurrency", str(processes)],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -147,8 +147,8 @@ def _scenario(
 
 def _run(hostile: int, rounds: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
+    from gpt4people.redis_server import RedisServer, free_port
     from tests.conftest import base_env, start_web, start_worker, stop_process
-    from workers.redis_server import RedisServer, free_port
 
     with (
         tempfile.TemporaryDirectory() as tmp,

@@ -160,9 +160,9 @@ def same_prompt_template(path: Path) -> Path:
     prompt, one worked example) and llama-server would fall back to ChatML, a shorter
     prompt. The same prompt tokens make the two do the same work.
     """
-    from workers.contract import ChatMessage
-    from workers.prompt import render_transcript
-    from workers.settings import Settings
+    from answer.prompt import render_transcript
+    from kernel.contract import ChatMessage
+    from kernel.settings import Settings
 
     marker = "@@QUESTION@@"
     text = render_transcript([ChatMessage(role="user", content=marker)],
@@ -177,7 +177,7 @@ def llama_server(
     binary: str, model: str, threads: int, parallel: int, template: Path
 ) -> Iterator[str]:
     """The anchor: llama.cpp's server with `parallel` slots of N_CTX tokens each."""
-    from workers.redis_server import free_port
+    from gpt4people.redis_server import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -199,8 +199,8 @@ def llama_server(
 def gpt4people(tmp: Path, threads: int, parallel: int) -> Iterator[tuple[str, str]]:
     """Redis, one batched model worker, one echo worker and the web app: (base URL, redis)."""
     sys.path.insert(0, str(ROOT))
+    from gpt4people.redis_server import RedisServer, free_port, new_password
     from tests.conftest import base_env, start_web, start_worker, stop_process
-    from workers.redis_server import RedisServer, free_port, new_password
 
     with RedisServer(tmp / "redis", password=new_password()) as server:
         url = server.url.removesuffix("/0")  # with the password; + "/<db>"
@@ -290,8 +290,8 @@ def main() -> None:
     levels = [int(n) for n in args.concurrency.split(",")]
 
     sys.path.insert(0, str(ROOT))
-    from workers.model_files import resolve_model_path
-    from workers.settings import load_settings
+    from kernel.model_files import resolve_model_path
+    from kernel.settings import load_settings
 
     model = str(resolve_model_path(load_settings()))
     binary = subprocess.run([str(ROOT / "scripts" / "install-llama-server")], check=True,

@@ -80,8 +80,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from gpt4people.redis_server import RedisServer, free_port
     from tests.conftest import base_env, start_web, stop_process
-    from workers.redis_server import RedisServer, free_port
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
         env = base_env(Path(tmp), redis_url=server.url, engine="echo",

@@ -58,13 +58,13 @@ from bench.soak_traffic import (
     send_traffic,
     settled,
 )
+from gpt4people.redis_server import RedisServer, free_port
+from gpt4people.status import queue_depths
 from tests.channels.mail_servers import DOVECOT
 from tests.channels.twilio_recorder import OUR_NUMBER
 from tests.conftest import base_env, ping_worker, stop_process
 from workers.ledger import LEDGER_KEY
 from workers.recovery import UNACKED_KEY
-from workers.redis_server import RedisServer, free_port
-from workers.status import queue_depths
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -147,17 +147,19 @@ class Stack:
             "redis": Service("redis", lambda: self._redis(redis_dir), redis_dir / "redis.log", 2.0)
         }
         for i in range(1, args.workers + 1):
-            self._add(f"soak-w{i}@bench", "workers.cli", "worker", "--hostname", f"soak-w{i}@bench")
+            self._add(
+                f"soak-w{i}@bench", "gpt4people.cli", "worker", "--hostname", f"soak-w{i}@bench"
+            )
         self._add(
-            "soak-deliver@bench", "workers.cli", "deliver", "--hostname", "soak-deliver@bench"
+            "soak-deliver@bench", "gpt4people.cli", "deliver", "--hostname", "soak-deliver@bench"
         )
         for helper in ("calc", "time"):
-            self._add(f"soak-{helper}@bench", "workers.cli", "helper", helper, "--hostname",
+            self._add(f"soak-{helper}@bench", "gpt4people.cli", "helper", helper, "--hostname",
                       f"soak-{helper}@bench", "--concurrency", "1")  # fmt: skip
         self._add("web", "uvicorn", "channels.web:create_app", "--factory", "--host",
                   "127.0.0.1", "--port", str(self.web_port), "--no-access-log")  # fmt: skip
         if "GPT4P_IMAP_HOST" in env:
-            self._add("email", "workers.cli", "email")
+            self._add("email", "gpt4people.cli", "email")
         self.stopping = threading.Event()
         self.calm = threading.Event()  # no more kills: the traffic stopped
         self.lock = threading.Lock()  # no restart while the stack is being stopped

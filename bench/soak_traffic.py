@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from channels.email import digest
+from channels.email.intake import digest
 from tests.channels import mail_servers
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.channels.twilio_recorder import TwilioRecorder, running_recorder

@@ -27,8 +27,8 @@ from typing import Any
 import redis
 from celery import Task
 
-from workers.contract import Reply
-from workers.metrics import Metrics
+from kernel.contract import Reply
+from kernel.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

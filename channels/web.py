@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from channels.http import ApiError, body_limit, text_allowance
-from channels.http import router as openai_router
-from channels.http_guard import (
+from channels.http.api import ApiError, body_limit, text_allowance
+from channels.http.api import router as openai_router
+from channels.http.guard import (
     CALLER_SCOPE_KEY,
     ApiKeyGuard,
     ApiKeys,
@@ -29,16 +29,15 @@ from channels.http_guard import (
     BodyTooLargeError,
     SafeErrors,
 )
-from channels.openai_schema import error_body
-from channels.sms import drain_spool, sync_redis_for
-from channels.sms import router as sms_router
-from channels.spool import InboundSpool
+from channels.http.openai_schema import error_body
+from channels.sms.spool import InboundSpool
+from channels.sms.webhook import drain_spool, sync_redis_for
+from channels.sms.webhook import router as sms_router
+from kernel.metrics import RedisCollector
+from kernel.redis_client import aclose_redis, async_redis_client, close_redis, resolve_redis_url
+from kernel.settings import Settings, get_settings
 from workers.app import celery_for
 from workers.liveness import live_workers
-from workers.metrics import RedisCollector
-from workers.redis_client import aclose_redis, async_redis_client, close_redis
-from workers.redis_server import resolve_redis_url
-from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from helpers.sdk import HelperError, HelperRequest, HelperResult, helper
-from workers.contract import MediaRef
-from workers.settings import get_settings
+from kernel.contract import MediaRef
+from kernel.settings import get_settings
 
 MAX_BYTES = 10_000_000
 MAX_SIDE = 4096
@@ -61,7 +61,7 @@ def load(ref: MediaRef) -> bytes:
         or urlparse(ref.url).hostname not in allowed
     ):
         raise HelperError("I can only open pictures sent by MMS or inline in the request")
-    from channels.sms_media import MediaRefusedError, fetch_media
+    from kernel.media import MediaRefusedError, fetch_media
 
     try:
         return fetch_media(ref, settings)

@@ -11,10 +11,10 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown
 
-from helpers.registry import Heartbeat, HelperRegistry
 from helpers.sdk import Helper, HelperError, HelperRequest
+from kernel.contract import helper_queue, helper_task
+from kernel.helper_registry import Heartbeat, HelperRegistry
 from workers.app import broker_redis
-from workers.contract import helper_queue, helper_task
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import httpx
 import pytest
 import redis
 
+from gpt4people.redis_server import RedisServer, free_port
+from kernel.settings import Settings
 from workers.app import celery_for
-from workers.redis_server import RedisServer, free_port
-from workers.settings import Settings
 
 T = TypeVar("T")
 # In-process apps and settings of the test session write their state (the SMS spool,
@@ -145,7 +145,7 @@ def start_worker(
     """Start `gpt4people worker` (or `deliver`) and wait until it answers pings."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{hostname}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [PYTHON, "-m", "workers.cli", command, "--hostname", hostname],
+        [PYTHON, "-m", "gpt4people.cli", command, "--hostname", hostname],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
@@ -231,7 +231,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``gpt4people ARGS`` as a user would, capturing its output."""
     return subprocess.run(
-        [PYTHON, "-m", "workers.cli", *args],
+        [PYTHON, "-m", "gpt4people.cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 

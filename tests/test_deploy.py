@@ -15,9 +15,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from kernel.redis_urls import parse_sentinel_url
+from kernel.settings import Settings
 from tests.conftest import ROOT
-from workers.redis_urls import parse_sentinel_url
-from workers.settings import Settings
 
 
 def compose() -> dict[str, Any]:

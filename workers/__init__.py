@@ -1,6 +1,11 @@
-"""GPT4People workers: the Celery app (``celery -A workers ...``), the core and the engines."""
+"""The Celery runtime: the app (``celery -A workers ...``), the inference task and
+the worker lifecycle (recovery, liveness, the job ledger, streaming).
 
-from workers import tasks as tasks  # registers the inference task with `app`
+Importing the package loads the app only; a worker imports its tasks through
+the app's ``imports`` setting (celeryconfig), so nothing below the runtime
+pulls the worker side in.
+"""
+
 from workers.app import app
 
 celery = app

@@ -20,8 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from workers import ledger
-from workers.contract import (
+from kernel.contract import (
     INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
@@ -29,11 +28,11 @@ from workers.contract import (
     delivery_queue,
     delivery_task,
 )
+from kernel.metrics import Metrics
+from kernel.redis_client import RedisUnavailableError, redis_client
+from kernel.redis_urls import redact_url
+from workers import ledger
 from workers.ledger import RESULT_KEY_PREFIX
-from workers.metrics import Metrics
-from workers.redis_client import redis_client
-from workers.redis_server import RedisUnavailableError
-from workers.redis_urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -43,15 +43,15 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from workers import ledger
-from workers.app import app
-from workers.contract import (
+from answer.routing import HelperCall
+from kernel.contract import (
     AFTER_HELPER_TASK,
     HARD_LIMIT_MARGIN_S,
     HELPER_FAILED_TASK,
     helper_task,
 )
-from workers.routing import HelperCall
+from workers import ledger
+from workers.app import app
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from celery.app.amqp import AMQP
 from celery.app.task import Task
 from celery.worker.request import Request
 
-from workers.contract import (
+from kernel.contract import (
     AFTER_HELPER_TASK,
     HELPER_FAILED_TASK,
     INFERENCE_TASK,

@@ -22,29 +22,29 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from helpers.registry import HelperRegistry
-from workers.app import app, broker_redis
-from workers.client import enqueue_delivery
-from workers.contract import (
+from answer.core import answer, answer_after_helper
+from answer.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
+from answer.routing import RATE_PREFIX, AfterHelper, HelperCall, HelperGateway
+from kernel.channels import channel_facts
+from kernel.contract import (
     AFTER_HELPER_TASK,
-    DELIVERED_CHANNELS,
     INFERENCE_QUEUE,
     INFERENCE_TASK,
     Job,
     Reply,
 )
-from workers.core import answer, answer_after_helper
-from workers.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
+from kernel.helper_registry import HelperRegistry
+from kernel.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
+from kernel.model_files import model_label
+from kernel.ratelimit import SenderRateLimit
+from kernel.settings import get_settings
+from kernel.streaming import encode_event, stream_channel
+from workers.app import app, broker_redis
+from workers.client import enqueue_delivery
 from workers.handover import answered, hand_over
 from workers.liveness import WorkerHeartbeat
-from workers.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
-from workers.model_files import model_label
 from workers.privacy import delivered_summary
-from workers.ratelimit import SenderRateLimit
 from workers.recovery import Recovery, delivery_tag, instance_id, record_owner
-from workers.routing import RATE_PREFIX, AfterHelper, HelperCall, HelperGateway
-from workers.settings import get_settings
-from workers.streaming import encode_event, stream_channel
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _finish(task: Task, job: Job, reply: Reply, timing: _Timing,
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,
         reply.duration_ms, reply.finish_reason,
     )  # fmt: skip
-    if job.channel in DELIVERED_CHANNELS:
+    if channel_facts(job.channel).delivers_later:
         # The channel answers later: hand the reply to its delivery queue, and store only
         # a summary (no address, no text) as this task's result.
         enqueue_delivery(task.app, broker_redis(), reply)

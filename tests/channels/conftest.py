@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt4people.redis_server import RedisServer, free_port
 from tests.channels.mail_servers import Dovecot, SmtpCapture, dovecot, smtp
 from tests.channels.twilio_recorder import TwilioRecorder, twilio
 from tests.conftest import (
@@ -22,7 +23,6 @@ from tests.conftest import (
     start_worker,
     stop_process,
 )
-from workers.redis_server import RedisServer, free_port
 
 __all__ = ["dovecot", "smtp", "twilio"]
 EMAIL_FROM = "bot@gpt4people.test"
@@ -89,7 +89,7 @@ def start_poller(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start `gpt4people email` (it logs to the state folder)."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / "email-poller.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "email"], env=env, cwd=ROOT,
+        [sys.executable, "-m", "gpt4people.cli", "email"], env=env, cwd=ROOT,
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 

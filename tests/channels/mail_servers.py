@@ -24,8 +24,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from imap_tools import MailBoxUnencrypted
 
+from gpt4people.redis_server import free_port
 from tests.conftest import wait_for
-from workers.redis_server import free_port
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 MAIL_UID = 65534  # nobody

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from channels.email import EmailRecords, owner_key
-from channels.email_poller import HANDLED, SET_ASIDE
+from channels.email.intake import EmailRecords, owner_key
+from channels.email.poller import HANDLED, SET_ASIDE
 from tests.channels.conftest import EMAIL_AUTHSERV_ID, EMAIL_FROM, EMAIL_RATE_LIMIT, start_poller
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.conftest import stop_process, wait_for

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from channels.email_delivery import compose_reply
-from workers.contract import Reply
-from workers.settings import Settings
+from channels.email.delivery import compose_reply
+from kernel.contract import Reply
+from kernel.settings import Settings
 
 
 def reply(**context: str) -> Reply:

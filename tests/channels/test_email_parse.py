@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from imap_tools import MailMessage
 
-from channels.email_parse import UnreadableMailError, base_subject, read_mail, skip_reason
-from workers.settings import Settings
+from channels.email.parse import UnreadableMailError, base_subject, read_mail, skip_reason
+from kernel.settings import Settings
 
 SETTINGS = Settings(email_from="GPT4People <bot@gpt4people.test>")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from channels.email_poller import HANDLED, MailboxPoller
+from channels.email.poller import HANDLED, MailboxPoller
+from gpt4people.redis_server import RedisServer
+from kernel.settings import Settings
 from tests.channels.mail_servers import Dovecot
 from tests.conftest import DB_POLL, redis_url, wait_for
 from workers.app import celery_for
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 
 def test_without_idle_the_poller_polls_and_keeps_its_place(

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from channels.web import create_app
+from gpt4people.redis_server import RedisServer
+from kernel.settings import Settings
 from tests.conftest import DB_NO_WORKER, redis_url, wait_for
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_redis_down_is_a_503_not_a_crash(unused_redis_url: str) -> None:
 
 @pytest.fixture
 def unused_redis_url() -> str:
-    from workers.redis_server import free_port
+    from gpt4people.redis_server import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from gpt4people.redis_server import RedisServer, free_port
 from tests.conftest import (
     DB_MODELS,
     base_env,
@@ -17,7 +18,6 @@ from tests.conftest import (
     start_worker,
     stop_process,
 )
-from workers.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="module")

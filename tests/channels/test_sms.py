@@ -20,13 +20,13 @@ import redis
 from fastapi.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
-from channels.sms import HELP_TEXT, RATE_TEXT, RESET_TEXT
-from channels.sms_state import number_id
+from channels.sms.state import number_id
+from channels.sms.webhook import HELP_TEXT, RATE_TEXT, RESET_TEXT
 from channels.web import create_app
+from kernel.settings import Settings
 from tests.channels.conftest import SMS_RATE_LIMIT
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import wait_for
-from workers.settings import Settings
 
 _numbers = itertools.count(1)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from channels.sms import SmsInbound
-from channels.sms_media import MediaRefusedError, fetch_media
+from channels.sms.webhook import SmsInbound
+from kernel.contract import MediaRef
+from kernel.media import MediaRefusedError, fetch_media
+from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
-from workers.contract import MediaRef
-from workers.settings import Settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(100)
 

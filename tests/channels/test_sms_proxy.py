@@ -6,10 +6,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from channels.web import create_app
+from gpt4people.redis_server import RedisServer
+from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import DB_SMS_PROXY, redis_url
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 
 @pytest.fixture

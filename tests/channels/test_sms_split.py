@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from channels.sms_split import TRUNCATED_MARKER, split_for_sms, utf16_len
+from channels.sms.split import TRUNCATED_MARKER, split_for_sms, utf16_len
 
 
 def test_a_short_answer_is_one_unnumbered_part() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers.registry import HelperRegistry
+from gpt4people.redis_server import RedisServer, free_port
+from kernel.helper_registry import HelperRegistry
 from tests.conftest import (
     DB_HELPERS,
     ROOT,
@@ -22,7 +23,6 @@ from tests.conftest import (
     stop_process,
     wait_for,
 )
-from workers.redis_server import RedisServer, free_port
 
 HELPER_TTL = 3.0
 SAMPLES = {
@@ -47,7 +47,7 @@ def start_helper(
     folder)."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"helper-{name}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", target, "--hostname", f"{name}@{host}",
+        [sys.executable, "-m", "gpt4people.cli", "helper", target, "--hostname", f"{name}@{host}",
          "--concurrency", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import subprocess
 import openai
 from PIL import Image
 
-from helpers.registry import HelperRegistry
+from kernel.helper_registry import HelperRegistry
 from tests.conftest import run_cli, wait_for
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gpt4people.redis_server import free_port
 from tests.conftest import ROOT, run_cli, stop_process, wait_for
-from workers.redis_server import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import redis
 
+from gpt4people.redis_server import RedisServer, free_port, redis_binary
 from tests.conftest import wait_for
-from workers.redis_server import RedisServer, free_port, redis_binary
 
 MASTER_NAME = "gpt4p-test"
 REDIS_PASSWORD = "redis-pw-for-tests"

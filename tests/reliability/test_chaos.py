@@ -19,10 +19,10 @@ import psutil
 import pytest
 import redis
 
+from gpt4people.redis_server import RedisServer, free_port
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
 from tests.reliability.whereabouts import Witness
-from workers.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.model
 

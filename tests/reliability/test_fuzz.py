@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from imap_tools import MailMessage
 from twilio.request_validator import RequestValidator
 
-from channels.email_parse import UnreadableMailError, read_mail, skip_reason
+from channels.email.parse import UnreadableMailError, read_mail, skip_reason
 from channels.web import create_app
+from gpt4people.redis_server import RedisServer
+from kernel.settings import Settings
 from tests.conftest import DB_NO_WORKER, redis_url
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 ACCOUNT, TOKEN = "AC" + "3" * 32, "fuzz-token"
 FUZZ = settings(max_examples=60, deadline=None,

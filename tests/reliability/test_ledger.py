@@ -22,6 +22,9 @@ import redis
 from celery import Celery
 from celery.signals import task_postrun
 
+from gpt4people.redis_server import RedisServer
+from kernel.contract import INFERENCE_QUEUE, INFERENCE_TASK, ChatMessage, Job
+from kernel.settings import Settings
 from tests.conftest import (
     base_env,
     emptied_database,
@@ -33,10 +36,7 @@ from tests.conftest import (
 from workers import ledger
 from workers.app import celery_for
 from workers.client import IDEMPOTENCY_PREFIX, IDEMPOTENCY_TTL_S, RESULT_KEY_PREFIX, submit
-from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, ChatMessage, Job
 from workers.recovery import NODES_KEY, UNACKED_INDEX_KEY, reap_once, record_owner
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 DB_LEDGER = 12
 

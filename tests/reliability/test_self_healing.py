@@ -19,16 +19,16 @@ import pytest
 import redis
 from celery import Celery
 
+from gpt4people.redis_server import RedisServer
+from kernel.contract import ChatMessage, GenerationOptions, Job, Reply, helper_queue, helper_task
+from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import ROOT, base_env, start_worker, stop_process, wait_for
 from tests.reliability.test_chaos import MODEL_THREADS
 from tests.reliability.whereabouts import Witness
 from workers.app import celery_for
 from workers.client import enqueue_delivery, submit, wait_for_reply
-from workers.contract import ChatMessage, GenerationOptions, Job, Reply, helper_queue, helper_task
 from workers.recovery import OWNERS_KEY, UNACKED_KEY
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 # Beyond pytest's 300 s default: the test's own deadlines must be the ones that fire, so
 # that a failure prints where every job was.
@@ -48,7 +48,7 @@ def outage_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def start_helper(env: dict[str, str], hostname: str) -> subprocess.Popen[bytes]:
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{hostname}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", "tests.helpers.sample_helpers:nap",
+        [sys.executable, "-m", "gpt4people.cli", "helper", "tests.helpers.sample_helpers:nap",
          "--hostname", hostname, "--concurrency", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -22,15 +22,15 @@ import redis
 from fastapi.testclient import TestClient
 
 from channels.web import create_app
+from gpt4people.redis_server import free_port
+from kernel.redis_client import redis_client
+from kernel.replication import ReplicaWait
+from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
 from tests.reliability.redis_ha import REDIS_PASSWORD, SentinelCluster
 from tests.reliability.test_chaos import text
 from tests.reliability.whereabouts import Witness
-from workers.redis_client import redis_client
-from workers.redis_server import free_port
-from workers.replication import ReplicaWait
-from workers.settings import Settings
 
 TEXTS = 40
 KILL_AFTER = 15
@@ -155,7 +155,7 @@ def test_replica_wait_confirms_a_write_and_gives_up_on_a_stalled_replica(
 
 
 def test_without_replicas_nothing_is_waited_for(tmp_path: Path) -> None:
-    from workers.redis_server import RedisServer
+    from gpt4people.redis_server import RedisServer
 
     with RedisServer(tmp_path / "alone") as server:
         client = redis.Redis.from_url(server.url)
@@ -209,10 +209,10 @@ def test_a_part_whose_replica_wait_fails_is_sent_at_once_by_the_retry(
     # The wait before an SMS send fails (here the primary refuses WAIT; in life, the
     # connection breaks in a failover). Nothing was sent, so the part's claim is released
     # and the task's retry sends it now, not after the in-flight claim goes stale.
-    from channels.sms_delivery import TwilioSender, send_parts
-    from channels.sms_state import SmsState
-    from workers.contract import Reply
-    from workers.redis_server import RedisServer
+    from channels.sms.delivery import TwilioSender, send_parts
+    from channels.sms.state import SmsState
+    from gpt4people.redis_server import RedisServer
+    from kernel.contract import Reply
 
     primary = RedisServer(tmp_path / "primary",
                           extra_args=["--rename-command", "WAIT", "WAIT-DISABLED"])  # fmt: skip

@@ -2,7 +2,7 @@
 
 `Witness.wait` is `wait_for` whose timeout message reports, for each job the
 test tracks: whether it sits in the web app's spool, where Redis has its
-inference and delivery tasks (`workers.whereabouts`), and what Twilio
+inference and delivery tasks (`gpt4people.whereabouts`), and what Twilio
 received; then each process (alive or its exit status) with the warnings of
 its log since the test's last mark, the Redis log, and the test's own
 timeline (kills, restarts).
@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import redis
 
-from workers.whereabouts import locate_jobs
+from gpt4people.whereabouts import locate_jobs
 
 T = TypeVar("T")
 LOG_LINES = 12
@@ -75,7 +75,7 @@ class Witness:
 
     def helper_registered(self, name: str) -> bool:
         """Whether a live instance of helper `name` is registered."""
-        from helpers.registry import HelperRegistry
+        from kernel.helper_registry import HelperRegistry
 
         return any(h.name == name for h in HelperRegistry(self.client, ttl=15).live())
 

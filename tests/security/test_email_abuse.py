@@ -31,11 +31,14 @@ import pytest
 import redis
 from imap_tools import MailMessage
 
-from channels.email import EmailRecords, digest, owner_key
-from channels.email_auth import from_authenticated
-from channels.email_delivery import compose_reply
-from channels.email_parse import UnreadableMailError, read_mail
-from channels.email_poller import HANDLED, SET_ASIDE, MailboxPoller
+from channels.email.auth import from_authenticated
+from channels.email.delivery import compose_reply
+from channels.email.intake import EmailRecords, digest, owner_key
+from channels.email.parse import UnreadableMailError, read_mail
+from channels.email.poller import HANDLED, SET_ASIDE, MailboxPoller
+from gpt4people.redis_server import RedisServer
+from kernel.contract import Reply
+from kernel.settings import Settings
 from tests.channels.conftest import EMAIL_FROM, running_email_stack
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.channels.test_email import answers, body_of, mail
@@ -43,9 +46,6 @@ from tests.conftest import base_env, redis_url, wait_for
 from tests.security.conftest import DB_SEC_EMAIL
 from workers.app import celery_for
 from workers.client import RESULT_KEY_PREFIX
-from workers.contract import Reply
-from workers.redis_server import RedisServer
-from workers.settings import Settings
 
 FOLDER = "SecurityEmail"
 STRICT_FOLDER = "SecurityEmailStrict"
@@ -462,7 +462,7 @@ def test_an_open_mailbox_warns_its_operator_once_at_start(
         caplog.clear()
         poller = MailboxPoller(settings, abuse_redis, celery_for(settings))
         poller.stop.set()  # run() returns at once: only what it says on starting is left
-        with caplog.at_level(logging.INFO, logger="channels.email_poller"):
+        with caplog.at_level(logging.INFO, logger="channels.email.poller"):
             poller.run()
         return [r for r in caplog.records if r.levelno >= logging.WARNING]
 

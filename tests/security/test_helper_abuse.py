@@ -29,8 +29,10 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from helpers.registry import Heartbeat, HelperRegistry
+from gpt4people.redis_server import RedisServer, free_port
 from helpers.sdk import HelperResult, helper
+from kernel.contract import ChatMessage, Job, MediaRef, Reply
+from kernel.helper_registry import Heartbeat, HelperRegistry
 from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
 from tests.conftest import (
     ROOT,
@@ -50,8 +52,6 @@ from tests.security.conftest import DB_SEC_HELPERS
 from workers import ledger
 from workers.app import celery_for
 from workers.client import RESULT_KEY_PREFIX, enqueue_delivery, submit, wait_for_reply
-from workers.contract import ChatMessage, Job, MediaRef, Reply
-from workers.redis_server import RedisServer, free_port
 
 HELPERS = {
     "calc": "calc", "image": "image", "time": "time",
@@ -92,7 +92,7 @@ def start_sms_deliverer(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`gpt4people deliver --channels sms` (email deliveries stay queued, for inspection)."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{DELIVERER}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "deliver", "--channels", "sms", "--hostname",
+        [sys.executable, "-m", "gpt4people.cli", "deliver", "--channels", "sms", "--hostname",
          DELIVERER, "--concurrency", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -22,7 +22,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from channels.web import create_app
-from helpers.registry import HelperRegistry
+from gpt4people.redis_server import RedisServer, free_port
+from kernel.helper_registry import HelperRegistry
+from kernel.settings import Settings
 from tests.conftest import (
     base_env,
     redis_url,
@@ -33,8 +35,6 @@ from tests.conftest import (
 )
 from tests.helpers.conftest import start_helper
 from tests.security.conftest import DB_SEC_HTTP
-from workers.redis_server import RedisServer, free_port
-from workers.settings import Settings
 
 KEY_A, KEY_B = "sk-caller-a-0123456789", "sk-caller-b-9876543210"
 WORKER = "echo@sec-http"
@@ -413,7 +413,7 @@ def test_an_unexpected_error_is_a_500_in_openai_format_logged_without_its_messag
     from starlette.requests import Request
     from starlette.routing import Route
 
-    from channels.http_guard import SafeErrors
+    from channels.http.guard import SafeErrors
 
     async def broken(request: Request) -> None:
         raise ValueError(f"input_value='{(await request.body()).decode()}'")

@@ -36,9 +36,12 @@ import yaml
 from PIL import Image
 from twilio.request_validator import HMAC_SHA256, RequestValidator
 
-from channels.sms_media import MediaRefusedError, fetch_media
-from channels.sms_state import number_id
-from helpers.registry import HelperRegistry
+from channels.sms.state import number_id
+from gpt4people.redis_server import RedisServer, free_port
+from kernel.contract import INFERENCE_QUEUE, INFERENCE_TASK, MediaRef
+from kernel.helper_registry import HelperRegistry
+from kernel.media import MediaRefusedError, fetch_media
+from kernel.settings import Settings
 from tests.channels.test_sms import replies, text, wait_idle
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import (
@@ -53,9 +56,6 @@ from tests.conftest import (
     wait_for,
 )
 from workers.app import celery_for
-from workers.contract import INFERENCE_QUEUE, INFERENCE_TASK, MediaRef
-from workers.redis_server import RedisServer, free_port
-from workers.settings import Settings
 
 DB_SEC_KEPT = 21  # DB_SEC_OPS + 1: this module's stack, on the session's Redis
 ECHO, DELIVER, IMAGE = "echo@sec-kept", "deliver@sec-kept", "image@sec-kept"
@@ -181,7 +181,7 @@ def start_image_helper(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`gpt4people helper image` (its log is in the state folder)."""
     log = open(Path(env["GPT4P_STATE_DIR"]) / f"{IMAGE}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "helper", "image", "--hostname", IMAGE,
+        [sys.executable, "-m", "gpt4people.cli", "helper", "image", "--hostname", IMAGE,
          "--concurrency", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

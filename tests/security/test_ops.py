@@ -24,9 +24,9 @@ import psutil
 import pytest
 import redis
 
+from gpt4people.redis_server import RedisServer, free_port
 from tests.conftest import ROOT, base_env, redis_url, run_cli, wait_for
 from tests.security.conftest import DB_SEC_OPS
-from workers.redis_server import RedisServer, free_port
 
 FLOWER_LOGIN = "operator:a-long-flower-password-42"
 REFUSAL_WAIT_S = 60  # an `up` that refuses exits before starting anything
@@ -62,7 +62,7 @@ def start_up(tmp: Path, workers: int, **settings: str) -> Stack:
     log = tmp / "up.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "up", "--workers", str(workers)],
+            [sys.executable, "-m", "gpt4people.cli", "up", "--workers", str(workers)],
             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     stack = Stack(process, env, state, log, http_port, flower_port)
@@ -93,7 +93,7 @@ def up_refusal(tmp: Path, **settings: str) -> subprocess.CompletedProcess[str]:
     env = base_env(tmp / "state", engine="echo", http_port=str(free_port()),
                    flower_port=str(free_port()), **settings)  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "up", "--workers", "0"],
+        [sys.executable, "-m", "gpt4people.cli", "up", "--workers", "0"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from gpt4people.redis_server import RedisServer, free_port
+from kernel.contract import ChatMessage, Job
+from kernel.settings import Settings
 from tests.conftest import DB_NO_WORKER, base_env, redis_url, run_cli
 from workers.app import celery_for
 from workers.client import submit
-from workers.contract import ChatMessage, Job
-from workers.redis_server import RedisServer, free_port
-from workers.settings import Settings
 
 
 def test_ask_goes_through_the_queue_and_prints_the_reply(echo_env: dict[str, str],
@@ -35,7 +35,7 @@ def test_ask_reads_the_prompt_from_stdin(echo_env: dict[str, str], echo_worker: 
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "ask", "-"], input="from a pipe\n",
+        [sys.executable, "-m", "gpt4people.cli", "ask", "-"], input="from a pipe\n",
         env=echo_env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout.strip() == "from a pipe"
@@ -159,7 +159,7 @@ def test_a_model_that_cannot_load_stops_the_worker_instead_of_looping(
     broken.write_bytes(b"GGUF" + bytes(64))  # right magic, nothing loadable behind it
     env = base_env(state_dir, redis_url=redis_url(redis_server, DB_NO_WORKER),
                    model_path=str(broken))  # fmt: skip
-    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "gpt4people.cli", "worker"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         output, _ = worker.communicate(timeout=90)

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers.contract import ChatMessage, GenerationOptions, Job
-from workers.core import BLANK_FALLBACK, TIMED_OUT_REPLY, answer
-from workers.engines import Generation, PromptTooLongError, TextSink
-from workers.engines.echo import EchoEngine
+from answer.core import BLANK_FALLBACK, TIMED_OUT_REPLY, answer
+from answer.engines import Generation, PromptTooLongError, TextSink
+from answer.engines.echo import EchoEngine
+from kernel.contract import ChatMessage, GenerationOptions, Job
 
 
 class ScriptedEngine:

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers.contract import ChatMessage, GenerationOptions
-from workers.engines import Generation
-from workers.engines.batched import TEXT_INTERVAL_S, BatchedLlamaEngine
-from workers.settings import Settings
+from answer.engines import Generation
+from answer.engines.batched import TEXT_INTERVAL_S, BatchedLlamaEngine
+from kernel.contract import ChatMessage, GenerationOptions
+from kernel.settings import Settings
 
 pytestmark = pytest.mark.model
 

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.contract import ChatMessage, GenerationOptions
-from workers.engines import Engine, PromptTooLongError
-from workers.engines.batched import BatchedLlamaEngine
-from workers.engines.llama import LlamaEngine
-from workers.settings import Settings
+from answer.engines import Engine, PromptTooLongError
+from answer.engines.batched import BatchedLlamaEngine
+from answer.engines.llama import LlamaEngine
+from kernel.contract import ChatMessage, GenerationOptions
+from kernel.settings import Settings
 
 pytestmark = pytest.mark.model
 

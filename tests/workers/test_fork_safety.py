@@ -15,8 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from gpt4people.redis_server import RedisServer
 from tests.conftest import DB_NO_WORKER, ROOT, base_env, redis_url
-from workers.redis_server import RedisServer
 
 CHILD_DEADLINE_S = 20
 

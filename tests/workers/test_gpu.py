@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gpt4people.redis_server import RedisServer
 from tests.conftest import (
     DB_GPU,
     DB_SCALE,
@@ -23,7 +24,6 @@ from tests.conftest import (
     stop_process,
     wait_for,
 )
-from workers.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def gpu_env(redis_server: RedisServer, state_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def gpu1_worker(gpu_env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "worker", "--gpu", "1", "--hostname", "gpu1@test"],
+        [sys.executable, "-m", "gpt4people.cli", "worker", "--gpu", "1", "--hostname", "gpu1@test"],
         env=gpu_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -93,10 +93,10 @@ def test_all_gpus_without_any_says_so(gpu_env: dict[str, str]) -> None:
 def test_two_workers_share_one_queue_and_both_answer(
     redis_server: RedisServer, state_dir: Path
 ) -> None:
+    from kernel.contract import ChatMessage, Job
+    from kernel.settings import Settings
     from workers.app import celery_for
     from workers.client import submit, wait_for_reply
-    from workers.contract import ChatMessage, Job
-    from workers.settings import Settings
 
     env = base_env(state_dir, redis_url=redis_url(redis_server, DB_SCALE), engine="echo")
     workers = [start_worker(env, "host-a@test"), start_worker(env, "host-b@test")]
@@ -120,7 +120,7 @@ def test_in_a_container_the_queue_gpu_and_the_cuda_device_can_differ(
     gpu_env: dict[str, str],
 ) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "worker", "--gpu", "3", "--cuda-device", "0",
+        [sys.executable, "-m", "gpt4people.cli", "worker", "--gpu", "3", "--cuda-device", "0",
          "--hostname", "gpu3@test"],
         env=gpu_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,

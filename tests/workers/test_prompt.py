@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.contract import ChatMessage
-from workers.prompt import ChatTemplateError, build_prompt
+from answer.prompt import ChatTemplateError, build_prompt
+from kernel.contract import ChatMessage
 
 SYSTEM = "Answer briefly."
 CHATML = (

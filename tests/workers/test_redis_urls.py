@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from workers.redis_client import celery_transport_options
-from workers.redis_urls import (
+from kernel.redis_client import celery_transport_options
+from kernel.redis_urls import (
     InvalidRedisUrlError,
     parse_sentinel_url,
     redact_url,
     scrub,
     url_secrets,
 )
-from workers.settings import Settings
+from kernel.settings import Settings
 
 
 def test_a_sentinel_url_names_every_sentinel_and_the_primarys_login_and_database() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kernel.settings import SettingsError, load_settings
 from tests.conftest import base_env, run_cli
-from workers.settings import SettingsError, load_settings
 
 
 def test_defaults_need_no_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from gpt4people.redis_server import free_port
 from tests.conftest import ROOT, base_env, run_cli, wait_for
-from workers.redis_server import free_port
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
@@ -28,7 +28,7 @@ def test_up_starts_everything_and_stops_leaving_nothing(
                    flower_port=str(flower_port))  # fmt: skip
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "up", "--workers", "1"],
+        [sys.executable, "-m", "gpt4people.cli", "up", "--workers", "1"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -83,7 +83,7 @@ def test_up_with_zero_workers_still_serves_health(tmp_path: Path) -> None:
     http_port = free_port()
     env = base_env(tmp_path, engine="echo", http_port=str(http_port),
                    flower_port=str(free_port()))  # fmt: skip
-    up = subprocess.Popen([sys.executable, "-m", "workers.cli", "up", "--workers", "0"],
+    up = subprocess.Popen([sys.executable, "-m", "gpt4people.cli", "up", "--workers", "0"],
                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)  # fmt: skip
     try:

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from gpt4people.redis_server import RedisServer
+from gpt4people.whereabouts import QUEUE_PAGE, locate_jobs
+from kernel.redis_client import redis_client
 from tests.conftest import redis_url
 from workers.ledger import LEDGER_KEY, MISSING_KEY, RESULT_KEY_PREFIX
 from workers.recovery import UNACKED_KEY
-from workers.redis_client import redis_client
-from workers.redis_server import RedisServer
-from workers.whereabouts import QUEUE_PAGE, locate_jobs
 
 DB_WHEREABOUTS = 13
 

@@ -1,0 +1,81 @@
+"""Inference engines: the `Engine` protocol and the factory that picks one by setting.
+
+llama.cpp is imported only by `answer.engines.llama`, and only when the
+``llama`` engine is created, so that channels, helpers and the CLI stay light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from kernel.contract import ChatMessage, GenerationOptions
+from kernel.settings import Settings
+
+TextSink = Callable[[str], None]
+
+# Set by `gpt4people worker`: the process answers inference jobs, so it loads the model
+# at start. Other workers (deliveries, helpers) import the same tasks but never load it.
+INFERENCE_WORKER_ENV = "GPT4P_INFERENCE_WORKER"
+
+
+class PromptTooLongError(ValueError):
+    """The conversation does not fit the model's context window, even cut to its last turn."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What an engine produced for one prompt."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    """Something that answers a conversation; one instance per worker process."""
+
+    name: str
+    model_name: str
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:
+        """Complete the conversation; `on_text` receives the text as it is produced."""
+        ...
+
+
+def create_engine(settings: Settings) -> Engine:
+    """The engine named by GPT4P_ENGINE, loaded and ready."""
+    if settings.engine == "echo":
+        from answer.engines.echo import EchoEngine
+
+        return EchoEngine()
+    if settings.engine == "scripted":
+        from answer.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine()
+    if batches(settings):
+        from answer.engines.batched import BatchedLlamaEngine
+
+        return BatchedLlamaEngine.load(settings)
+    from answer.engines.llama import LlamaEngine
+
+    return LlamaEngine.load(settings)
+
+
+def batches(settings: Settings) -> bool:
+    """Whether workers with these settings run the batched engine (a threads pool)."""
+    return settings.engine == "llama" and settings.parallel > 1
+
+
+def offloaded_layers(settings: Settings) -> int:
+    """Layers to put on the GPU: GPT4P_N_GPU_LAYERS, else all on a GPU worker, none on CPU."""
+    if settings.n_gpu_layers is not None:
+        return settings.n_gpu_layers
+    return -1 if settings.gpu is not None else 0

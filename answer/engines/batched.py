@@ -1,0 +1,487 @@
+"""The batched llama.cpp engine: many jobs decoded together, continuously.
+
+One engine per worker process owns the model and one llama.cpp context with a
+KV-cache sequence per slot (GPT4P_PARALLEL slots of GPT4P_N_CTX tokens each).
+Its thread runs the decode loop: every step puts the next token of every
+generating job, plus chunks of the prompts of jobs that just arrived, into one
+``llama_batch`` and calls ``llama_decode`` once. Jobs join between steps and
+leave when they finish; each keeps its own sampler (temperature, top-p, seed),
+stop strings, token limit and deadline. The Celery task threads call
+:meth:`BatchedLlamaEngine.generate`, which hands the job over and waits for
+its text (streamed back through a queue, so ``on_text`` runs in the task's
+own thread; gathered for TEXT_INTERVAL_S, so a task thread wakes some 20 times
+a second rather than once per token).
+
+Prefix cache: a slot keeps the tokens of its last job in its KV sequence; a
+new job goes to the free slot that shares the longest prefix with its prompt
+(a conversation's next turn finds its history there) and only the rest is
+evaluated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import llama_cpp
+import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
+from llama_cpp._internals import LlamaModel
+from llama_cpp._logger import set_verbose
+
+from answer.engines import Generation, TextSink, offloaded_layers
+from answer.engines.prompting import PromptFitter
+from kernel.contract import ChatMessage, GenerationOptions
+from kernel.model_files import model_label, resolve_model_path
+from kernel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The sampler chain of llama-cpp-python's create_completion, with its defaults.
+TOP_K = 40
+MIN_P = 0.05
+DEFAULT_TOP_P = 0.95
+BATCH_TOKENS = 512  # tokens per llama_decode call (prompt chunks + one per generating job)
+# A job's text is handed to its task thread at most this often (the first piece at once):
+# waking a thread per token takes a core from the decode on a small machine.
+TEXT_INTERVAL_S = 0.05
+FinishReason = Literal["stop", "length"]
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was stopped while a job waited for it."""
+
+
+@dataclass
+class _Request:
+    """One job handed to the engine thread."""
+
+    tokens: list[int]
+    max_tokens: int
+    stop: list[str]
+    temperature: float
+    top_p: float
+    seed: int | None
+    deadline: float
+    ignore_eos: bool = False
+    events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
+    sent_at: float | None = None  # when text was last handed over (None: the first goes now)
+
+
+@dataclass
+class _Slot:
+    """One KV-cache sequence and the job using it, if any."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    request: _Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    sampler: Any = None
+    decoder: Any = None
+    text: str = ""
+    emitted: int = 0
+    generated: int = 0
+    logits_index: int = -1
+
+
+def _stop_hold(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could be the start of a stop string (held back)."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+class BatchedLlamaEngine:
+    """One GGUF model, one context, GPT4P_PARALLEL jobs decoded together."""
+
+    name = "llama"
+
+    def __init__(self, model: LlamaModel, settings: Settings, model_name: str) -> None:
+        self._model = model
+        self._settings = settings
+        self.model_name = model_name
+        self.parallel = settings.parallel
+        self._vocab = llama_cpp.llama_model_get_vocab(model.model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        metadata = model.metadata()
+        self._fitter = PromptFitter(settings, metadata.get("tokenizer.chat_template") or None,
+                                    self._tokenize, self._piece_text, model.token_bos(),
+                                    model.token_eos())  # fmt: skip
+        self.chat_template = self._fitter.chat_template
+        threads = settings.n_threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx * self.parallel
+        params.n_batch = BATCH_TOKENS
+        params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = self.parallel
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        # One KV stream per sequence: a job attends to its own tokens only.
+        params.kv_unified = False
+        # Full-size sliding-window caches, so a kept prefix stays usable (Gemma 3).
+        params.swa_full = True
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if ctx is None:
+            raise RuntimeError("llama.cpp could not create a context (KV cache too large?)")
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._slots = [_Slot(seq) for seq in range(self.parallel)]
+        self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._eog_tokens: list[int] | None = None
+        self.text_interval = TEXT_INTERVAL_S
+        self.steps = 0  # llama_decode calls, for tests and metrics
+        self.reused_tokens = 0  # prompt tokens found in the prefix cache
+        self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, settings: Settings, path: Path | None = None) -> BatchedLlamaEngine:
+        """Load the configured GGUF once and start the decode loop."""
+        path = path or resolve_model_path(settings)
+        started = time.monotonic()
+        gpu_layers = offloaded_layers(settings)
+        set_verbose(False)  # llama.cpp's own log: errors only, as Llama(verbose=False) does
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        # Repacked CPU weights use one kernel for a lone token and another for groups of
+        # four: faster, but a token's logits then depend on the batch it is in.
+        params.use_extra_bufts = not settings.batch_invariant
+        model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        engine = cls(model, settings, model_label(settings))
+        log.info(
+            "model loaded: %s in %.2fs (batched: %d slots of %d tokens, gpu_layers=%d)",
+            path.name, time.monotonic() - started, settings.parallel, settings.n_ctx, gpu_layers,
+        )  # fmt: skip
+        return engine
+
+    # Tokens and text
+
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos, special))
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, special)
+        return buffer.raw[: max(n, 0)]
+
+    def _piece_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", errors="ignore")
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots with a job in them now."""
+        return sum(1 for slot in self._slots if slot.request is not None)
+
+    # The callers' side
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:
+        """Complete the conversation with the others in flight; stream text into `on_text`.
+
+        Raises `SoftTimeLimitExceeded` past GPT4P_TASK_SOFT_TIME_LIMIT (the text so far has
+        gone to `on_text`), like a Celery soft time limit in a process pool.
+        """
+        settings = self._settings
+        prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
+        request = _Request(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            # ignore_eos also ignores the template's end-of-turn strings, not the caller's.
+            stop=[s for s in [*([] if options.ignore_eos else prompt.stop), *options.stop] if s],
+            temperature=settings.temperature if options.temperature is None
+            else options.temperature,
+            top_p=options.top_p if options.top_p is not None else DEFAULT_TOP_P,
+            seed=options.seed if options.seed is not None else settings.seed,
+            deadline=time.monotonic() + settings.task_soft_time_limit,
+            ignore_eos=options.ignore_eos,
+        )  # fmt: skip
+        if self._stopped.is_set():
+            raise EngineStoppedError("the engine is stopped")
+        self._incoming.put(request)
+        try:
+            return self._wait(request, on_text)
+        finally:
+            request.cancelled.set()  # a caller that gave up frees its slot
+
+    def _wait(self, request: _Request, on_text: TextSink | None) -> Generation:
+        # The engine enforces the deadline; this is only a guard against a dead engine.
+        guard = request.deadline + 60
+        while True:
+            try:
+                kind, value = request.events.get(timeout=max(0.1, guard - time.monotonic()))
+            except queue.Empty:
+                raise EngineStoppedError("the engine stopped answering") from None
+            if kind == "text":
+                if on_text is not None:
+                    on_text(value)
+            elif kind == "done":
+                return value
+            elif kind == "timeout":
+                raise SoftTimeLimitExceeded()
+            else:
+                raise value  # an error from the engine thread
+
+    def close(self) -> None:
+        """Stop the decode loop and free llama.cpp's memory."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._incoming.put(None)
+        self._thread.join(30)
+        for slot in self._slots:
+            self._free_sampler(slot)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._model.close()
+
+    # The engine thread
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._admit()
+                if any(slot.request is not None for slot in self._slots):
+                    self._step()
+            except Exception as error:  # fail the jobs in flight, keep the engine
+                log.exception("batched decode failed; failing the jobs in flight")
+                for slot in self._slots:
+                    if slot.request is not None:
+                        slot.request.events.put(("error", error))
+                        self._release(slot, keep=False)
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots (block when there is nothing to do)."""
+        busy = any(slot.request is not None for slot in self._slots)
+        while True:
+            free = [slot for slot in self._slots if slot.request is None]
+            if not free:
+                return
+            try:
+                request = self._incoming.get(block=not busy, timeout=None if not busy else 0)
+            except queue.Empty:
+                return
+            if request is None:  # close()
+                return
+            if request.cancelled.is_set():
+                continue
+            self._start(request, free)
+            busy = True
+
+    def _start(self, request: _Request, free: list[_Slot]) -> None:
+        tokens = request.tokens
+
+        def shared(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.cached, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        slot = max(free, key=shared)
+        keep = min(shared(slot), len(tokens) - 1)  # at least one token gives the logits
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            keep = 0
+        self.reused_tokens += keep
+        slot.cached = tokens[:keep]
+        slot.pending = tokens[keep:]
+        slot.request = request
+        slot.next_token = None
+        slot.text, slot.emitted, slot.generated = "", 0, 0
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.sampler = self._sampler(request)
+
+    def _sampler(self, request: _Request) -> Any:
+        if request.temperature <= 0:
+            return None  # greedy: _greedy, no sampler state
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if request.ignore_eos:
+            llama_cpp.llama_sampler_chain_add(chain, self._no_eog_sampler())
+        seed = request.seed if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        for sampler in (
+            llama_cpp.llama_sampler_init_top_k(TOP_K),
+            llama_cpp.llama_sampler_init_top_p(request.top_p, 1),
+            llama_cpp.llama_sampler_init_min_p(MIN_P, 1),
+            llama_cpp.llama_sampler_init_temp(request.temperature),
+            llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF),
+        ):
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        return chain
+
+    def _eog(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (looked up once)."""
+        if self._eog_tokens is None:
+            self._eog_tokens = [t for t in range(self._n_vocab)
+                                if llama_cpp.llama_vocab_is_eog(self._vocab, t)]  # fmt: skip
+        return self._eog_tokens
+
+    def _no_eog_sampler(self) -> Any:
+        """A logit bias that never picks an end-of-generation token."""
+        eog = self._eog()
+        biases = (llama_cpp.llama_logit_bias * len(eog))()
+        for i, token in enumerate(eog):
+            biases[i] = llama_cpp.llama_logit_bias(token, float("-inf"))
+        return llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases)
+
+    def _free_sampler(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+    def _step(self) -> None:
+        """One llama_decode over every active job; then sample and hand out text."""
+        now = time.monotonic()
+        for slot in self._slots:
+            request = slot.request
+            if request is None:
+                continue
+            if request.cancelled.is_set():
+                self._release(slot, keep=True)
+            elif now >= request.deadline:
+                self._flush(slot, final=True)
+                request.events.put(("timeout", None))
+                self._release(slot, keep=True)
+        batch, n = self._batch, 0
+        added: list[tuple[_Slot, list[int]]] = []
+        for slot in self._slots:  # one token for every generating job first
+            if slot.request is not None and slot.next_token is not None:
+                n = self._add(batch, n, slot, [slot.next_token], logits=True)
+                added.append((slot, [slot.next_token]))
+                slot.next_token = None
+        for slot in self._slots:  # then prompt chunks, as far as the batch has room
+            if slot.request is None or not slot.pending or n >= BATCH_TOKENS:
+                continue
+            chunk = slot.pending[: BATCH_TOKENS - n]
+            slot.pending = slot.pending[len(chunk) :]
+            n = self._add(batch, n, slot, chunk, logits=not slot.pending)
+            added.append((slot, chunk))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        self.steps += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for slot, tokens in added:
+            slot.cached.extend(tokens)
+        for slot, _ in added:
+            if slot.logits_index >= 0 and slot.request is not None:
+                self._sample(slot, slot.logits_index)
+            slot.logits_index = -1
+
+    def _add(self, batch: Any, n: int, slot: _Slot, tokens: list[int], logits: bool) -> int:
+        pos = len(slot.cached)
+        for i, token in enumerate(tokens):
+            batch.token[n] = token
+            batch.pos[n] = pos + i
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq
+            batch.logits[n] = 0
+            n += 1
+        if logits:
+            batch.logits[n - 1] = 1
+            slot.logits_index = n - 1
+        return n
+
+    def _greedy(self, request: _Request, index: int) -> int:
+        """The most likely token (numpy's argmax: the same pick as llama.cpp's greedy
+        sampler, without copying the vocabulary into a candidates array)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        token = int(logits.argmax())
+        if request.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            masked = logits.copy()
+            masked[self._eog()] = -np.inf
+            token = int(masked.argmax())
+        return token
+
+    def _sample(self, slot: _Slot, index: int) -> None:
+        request = slot.request
+        assert request is not None
+        if request.temperature <= 0:
+            token = self._greedy(request, index)
+        else:
+            token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.generated += 1
+        slot.text += slot.decoder.decode(self._piece(token))
+        for stop in request.stop:
+            at = slot.text.find(stop, max(0, slot.emitted - len(stop)))
+            if at >= 0:
+                slot.text = slot.text[:at]
+                self._finish(slot, "stop")
+                return
+        if slot.generated >= request.max_tokens:
+            self._finish(slot, "length")
+            return
+        self._flush(slot, final=False)
+        slot.next_token = token
+
+    def _flush(self, slot: _Slot, final: bool) -> None:
+        """Hand the caller the text that can no longer turn into a stop string
+        (gathered for TEXT_INTERVAL_S unless `final`)."""
+        request = slot.request
+        assert request is not None
+        if final:
+            slot.text += slot.decoder.decode(b"", final=True)
+        end = len(slot.text) if final else len(slot.text) - _stop_hold(slot.text, request.stop)
+        if end > slot.emitted:
+            request.unsent.append(slot.text[slot.emitted : end])
+            slot.emitted = end
+        if request.unsent:
+            now = time.monotonic()
+            if final or request.sent_at is None or now - request.sent_at >= self.text_interval:
+                request.events.put(("text", "".join(request.unsent)))
+                request.unsent.clear()
+                request.sent_at = now
+
+    def _finish(self, slot: _Slot, reason: FinishReason) -> None:
+        request = slot.request
+        assert request is not None
+        self._flush(slot, final=True)
+        request.events.put(("done", Generation(text=slot.text, finish_reason=reason,
+                                               prompt_tokens=len(request.tokens),
+                                               completion_tokens=slot.generated)))  # fmt: skip
+        self._release(slot, keep=True)
+
+    def _release(self, slot: _Slot, keep: bool) -> None:
+        """Free the slot; `keep` leaves its tokens in the KV cache for the next turn."""
+        self._free_sampler(slot)
+        slot.request = None
+        slot.pending = []
+        slot.next_token = None
+        slot.logits_index = -1
+        if not keep:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            slot.cached = []

@@ -1,0 +1,113 @@
+"""The unbatched llama.cpp engine: one job at a time per process (GPT4P_PARALLEL=1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from llama_cpp import Llama
+
+from answer.engines import Generation, TextSink, offloaded_layers
+from answer.engines.prompting import PromptFitter
+from kernel.contract import ChatMessage, GenerationOptions
+from kernel.model_files import model_label, resolve_model_path
+from kernel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LlamaEngine:
+    """One GGUF model loaded into this process; generates one answer at a time."""
+
+    name = "llama"
+
+    def __init__(self, llm: Llama, settings: Settings, model_name: str) -> None:
+        self._llm = llm
+        self._settings = settings
+        self._lock = threading.Lock()
+        self.model_name = model_name
+        self._fitter = PromptFitter(
+            settings,
+            llm.metadata.get("tokenizer.chat_template") or None,
+            lambda text, add_bos, special: llm.tokenize(text.encode("utf-8"), add_bos, special),
+            self._token_text,
+            llm.token_bos(),
+            llm.token_eos(),
+        )
+        self.chat_template = self._fitter.chat_template
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+    @classmethod
+    def load(cls, settings: Settings, path: Path | None = None) -> LlamaEngine:
+        """Load the configured GGUF (GPT4P_MODEL_PATH or the bundled default)."""
+        path = path or resolve_model_path(settings)
+        started = time.monotonic()
+        gpu_layers = offloaded_layers(settings)
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads or os.cpu_count() or 1,
+            n_gpu_layers=gpu_layers,
+            seed=settings.seed if settings.seed is not None else 0xFFFFFFFF,
+            verbose=False,
+        )
+        log.info(
+            "model loaded: %s in %.2fs (n_ctx=%d, gpu_layers=%d)",
+            path.name, time.monotonic() - started, settings.n_ctx, gpu_layers,
+        )  # fmt: skip
+        return cls(llm, settings, model_label(settings))
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:
+        """Complete the conversation with llama.cpp, streaming text into `on_text`."""
+        settings = self._settings
+        with self._lock:
+            prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
+            stream = cast(
+                Iterator[dict[str, Any]],
+                self._llm.create_completion(
+                    tokens,
+                    max_tokens=max_tokens,
+                    temperature=settings.temperature
+                    if options.temperature is None
+                    else options.temperature,
+                    top_p=options.top_p if options.top_p is not None else 0.95,
+                    # ignore_eos: no end token, no template stop strings (the caller's stay).
+                    stop=[*([] if options.ignore_eos else prompt.stop), *options.stop],
+                    logit_bias={self._llm.token_eos(): float("-inf")}
+                    if options.ignore_eos
+                    else None,
+                    seed=options.seed if options.seed is not None else settings.seed,
+                    stream=True,
+                ),
+            )
+            pieces: list[str] = []
+            finish: str | None = None
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    pieces.append(choice["text"])
+                    if on_text is not None:
+                        on_text(choice["text"])
+                finish = choice.get("finish_reason") or finish
+            text = "".join(pieces)
+            completion_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
+        return Generation(
+            text=text,
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=len(tokens),
+            completion_tokens=completion_tokens,
+        )

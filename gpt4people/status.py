@@ -1,0 +1,87 @@
+"""What `gpt4people status` reports: Redis, live workers, queue depths, the model."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis
+
+from kernel.contract import INFERENCE_QUEUE
+from kernel.model_files import model_label
+from kernel.redis_client import redis_client, resolve_redis_url
+from kernel.redis_urls import redact_text, redact_url
+from kernel.settings import Settings
+
+QUEUE_PATTERNS = (f"{INFERENCE_QUEUE}.*", "deliver.*", "helper.*")
+
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Jobs waiting in every GPT4People queue (inference, per-GPU/model, delivery, helpers)."""
+    names = {INFERENCE_QUEUE}
+    for pattern in QUEUE_PATTERNS:
+        names.update(key.decode() for key in client.scan_iter(match=pattern, count=200))
+    return {
+        name: int(cast(int, client.llen(name)))
+        for name in sorted(names)
+        if name == INFERENCE_QUEUE or client.type(name) == b"list"
+    }
+
+
+def _workers(timeout: float) -> dict[str, Any]:
+    from workers.app import app
+
+    inspector = app.control.inspect(timeout=timeout)
+    queues = inspector.active_queues() or {}
+    active = inspector.active() or {}
+    return {
+        name: {
+            "queues": sorted(q["name"] for q in queues.get(name, [])),
+            "active_jobs": len(active.get(name, [])),
+        }
+        for name in sorted(queues)
+    }
+
+
+def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
+    """A JSON-safe report of the deployment as seen from here."""
+    url = resolve_redis_url(settings)
+    report: dict[str, Any] = {
+        "redis": {"url": redact_url(url), "up": False},
+        "engine": settings.engine,
+        "model": model_label(settings),
+        "workers": {},
+        "queues": {},
+    }
+    client = redis_client(url, settings, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = cast(dict[str, Any], client.info("server"))
+        report["redis"]["version"] = info.get("redis_version")
+        report["redis"]["up"] = True
+        report["queues"] = queue_depths(client)
+    except redis.RedisError as error:
+        report["redis"]["error"] = redact_text(f"{error.__class__.__name__}: {error}")
+        return report
+    finally:
+        client.close()
+    report["workers"] = _workers(timeout)
+    return report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The report as aligned text for a terminal."""
+    redis_info = report["redis"]
+    state = f"up (v{redis_info.get('version')})" if redis_info["up"] else "DOWN"
+    lines = [f"redis    {redis_info['url']}  {state}"]
+    if not redis_info["up"]:
+        lines.append(f"         {redis_info.get('error', '')}")
+        lines.append("         start the stack with `gpt4people up`, or set GPT4P_REDIS_URL")
+        return "\n".join(lines)
+    lines.append(f"model    {report['model']} (engine: {report['engine']})")
+    workers = report["workers"]
+    lines.append(f"workers  {len(workers)} live" + ("" if workers else " (none answered)"))
+    for name, info in workers.items():
+        lines.append(f"  {name}  queues={','.join(info['queues'])}  active={info['active_jobs']}")
+    lines.append("queues")
+    for name, depth in report["queues"].items():
+        lines.append(f"  {name:<20} {depth} waiting")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Fetching MMS media for helpers: with Twilio's auth, a timeout, and size and type limits."""
+
+from __future__ import annotations
+
+import httpx
+
+from kernel.contract import MediaRef
+from kernel.settings import Settings
+
+ALLOWED_MEDIA_TYPES = frozenset(
+    {"image/jpeg", "image/png", "image/gif", "image/webp", "image/heic", "text/plain",
+     "text/vcard", "application/pdf"}
+)  # fmt: skip
+
+
+class MediaRefusedError(ValueError):
+    """The media is of a type or size we do not fetch; the message says which."""
+
+
+def fetch_media(ref: MediaRef, settings: Settings) -> bytes:
+    """Download one MMS attachment from Twilio, refusing disallowed types and oversized files."""
+    declared = ref.content_type.split(";")[0].strip().lower()
+    if declared not in ALLOWED_MEDIA_TYPES:
+        raise MediaRefusedError(f"media type {declared or 'unknown'} is not accepted")
+    if settings.twilio_account_sid is None or settings.twilio_auth_token is None:
+        raise MediaRefusedError("set GPT4P_TWILIO_ACCOUNT_SID and GPT4P_TWILIO_AUTH_TOKEN")
+    auth = (settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value())
+    limit = settings.sms_media_max_bytes
+    # Twilio redirects media to a storage host; httpx drops the credentials on that hop.
+    with (
+        httpx.Client(auth=auth, timeout=settings.twilio_timeout, follow_redirects=True) as client,
+        client.stream("GET", ref.url) as response,
+    ):
+        response.raise_for_status()
+        actual = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if actual and actual not in ALLOWED_MEDIA_TYPES:
+            raise MediaRefusedError(f"media type {actual} is not accepted")
+        if int(response.headers.get("content-length") or 0) > limit:
+            raise MediaRefusedError(f"media is larger than {limit} bytes")
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data.extend(chunk)
+            if len(data) > limit:
+                raise MediaRefusedError(f"media is larger than {limit} bytes")
+    return bytes(data)
