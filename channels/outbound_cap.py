@@ -8,11 +8,11 @@ the reply is claimed, right before the send that cannot be undone. A send
 that failed gives its slot back.
 
 A reply that finds the cap reached is held, not lost: its delivery task is
-retried when the next hour opens, until the reply would be older than
-GPT4P_OUTBOUND_HOLD_MAX_AGE; then it is dropped and counted
-(``gpt4p_delivery_failures{reason="capped"}``). Every refusal counts in
-``gpt4p_outbound_capped_total{channel}``, and the first of each hour logs one
-warning that names nobody.
+retried when the next hour opens (`hold_delay`), until the reply would be
+older than GPT4P_OUTBOUND_HOLD_MAX_AGE; then it is dropped and counted
+(``gpt4p_delivery_failures{reason="capped"}``): `channels.delivery.hold`.
+Every refusal counts in ``gpt4p_outbound_capped_total{channel}``, and the
+first of each hour logs one warning that names nobody.
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import redis
-from celery import Task
 
-from kernel.contract import Reply
 from kernel.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -129,16 +126,3 @@ class OutboundCap:
                 "outbound %s cap of %d per hour (GPT4P_%s_MAX_PER_HOUR) reached: replies "
                 "are held until %s UTC", self.channel, self.per_hour, self.channel.upper(), opens,
             )  # fmt: skip
-
-
-def hold(task: Task, reply: Reply, capped: OutboundCappedError, max_age: float,
-         client: redis.Redis) -> dict[str, Any]:  # fmt: skip
-    """Retry the delivery when the next hour opens; drop a reply too old to wait that long."""
-    age = (datetime.now(UTC) - reply.created_at).total_seconds()
-    if age + capped.retry_in > max_age:
-        log.info("reply %s dropped: held by the outbound cap past GPT4P_OUTBOUND_HOLD_MAX_AGE",
-                 reply.job_id)  # fmt: skip
-        Metrics(client).count("gpt4p_delivery_failures",
-                              {"channel": reply.channel, "reason": "capped"})  # fmt: skip
-        return {"status": "dropped (outbound cap)"}
-    raise task.retry(countdown=capped.retry_in)

@@ -7,47 +7,41 @@ accepted the mail and before the record is written resends it after
 SEND_IN_FLIGHT_TTL_S, with the same Message-ID, which mail clients show once.
 Right before the send, the reply takes its slot of the global hourly cap
 (`channels.outbound_cap`); past the cap it is held for the next hour.
+Retries, logs and metrics are every channel's (`channels.delivery`).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
-import logging
-import random
 import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate, parseaddr
+from functools import cached_property
 from typing import Any, cast
 
-import redis
 from celery import Task
 
+from channels.delivery import (
+    DELIVERED,
+    Delivery,
+    DeliveryPolicy,
+    Outcome,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    freed_if_unsent,
+)
 from channels.email.intake import PREFIX, EmailRecords, digest, owner_key
 from channels.email.parse import base_subject, one_line
-from channels.outbound_cap import OutboundCap, OutboundCappedError, Reservation, hold
 from kernel.contract import ChatMessage, Reply, delivery_task
-from kernel.logs import bind_job
-from kernel.metrics import Metrics
 from kernel.replication import make_durable
-from kernel.settings import Settings, get_settings
-from workers.app import app, broker_redis
-
-log = logging.getLogger(__name__)
+from kernel.settings import Settings
+from workers.app import app
 
 SEND_IN_FLIGHT_TTL_S = 300
 SENT_TTL_S = 90 * 24 * 3600
 QUOTE_LINES = 6
-
-
-class TransientSmtpError(RuntimeError):
-    """The server may take the mail later (4xx, timeout, connection lost)."""
-
-
-class PermanentSmtpError(RuntimeError):
-    """The server will not take this mail (5xx)."""
 
 
 def reply_message_id(reply: Reply, sender: str) -> str:
@@ -117,7 +111,7 @@ def compose_reply(reply: Reply, settings: Settings) -> EmailMessage:
 def send_smtp(message: EmailMessage, settings: Settings) -> None:
     """Hand `message` to the SMTP server, classifying failures as transient or permanent."""
     if not settings.smtp_host:
-        raise PermanentSmtpError("set GPT4P_SMTP_HOST to send email")
+        raise PermanentDeliveryError("set GPT4P_SMTP_HOST to send email")
     context = ssl.create_default_context()
     try:
         if settings.smtp_ssl:
@@ -137,85 +131,70 @@ def send_smtp(message: EmailMessage, settings: Settings) -> None:
     except smtplib.SMTPRecipientsRefused as error:
         codes = [code for code, _ in error.recipients.values()]
         if all(400 <= code < 500 for code in codes):
-            raise TransientSmtpError(f"recipient deferred ({codes})") from error
-        raise PermanentSmtpError(f"recipient refused ({codes})") from error
+            raise TransientDeliveryError(f"recipient deferred ({codes})") from error
+        raise PermanentDeliveryError(f"recipient refused ({codes})") from error
     except smtplib.SMTPResponseException as error:
         if 400 <= error.smtp_code < 500:
-            raise TransientSmtpError(f"SMTP {error.smtp_code}") from error
-        raise PermanentSmtpError(f"SMTP {error.smtp_code}") from error
+            raise TransientDeliveryError(f"SMTP {error.smtp_code}") from error
+        raise PermanentDeliveryError(f"SMTP {error.smtp_code}") from error
     except (TimeoutError, smtplib.SMTPServerDisconnected, smtplib.SMTPConnectError, OSError) as e:
-        raise TransientSmtpError(f"SMTP unreachable ({e.__class__.__name__})") from e
+        raise TransientDeliveryError(f"SMTP unreachable ({e.__class__.__name__})") from e
 
 
-def _backoff(settings: Settings, retries: int) -> float:
-    delay = min(settings.email_retry_backoff * 2**retries, 600.0)
-    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+class EmailDelivery(Delivery):
+    """A reply's delivery by email: one mail, sent once, in the asker's thread."""
+
+    channel = "email"
+
+    @property
+    def policy(self) -> DeliveryPolicy:
+        """Email retries (GPT4P_EMAIL_MAX_RETRIES, GPT4P_EMAIL_RETRY_BACKOFF) and hourly cap."""
+        return DeliveryPolicy(
+            max_retries=self.settings.email_max_retries,
+            backoff_s=self.settings.email_retry_backoff,
+            backoff_ceiling_s=600.0,
+            per_hour=self.settings.email_max_per_hour,
+        )
+
+    @cached_property
+    def recipient(self) -> str:
+        """The address's digest."""
+        return digest(self.reply.reply_to.lower())
+
+    def send(self) -> Outcome:
+        """Send the mail unless it was sent; the answer joins the thread of those who saw it."""
+        reply, client = self.reply, self.redis
+        key = f"{PREFIX}sent:{reply.job_id}"
+        if not client.set(key, "sending", nx=True, ex=SEND_IN_FLIGHT_TTL_S):
+            if cast(bytes | None, client.get(key)) != b"sending":
+                return Outcome("already sent")
+            # Another delivery is sending it: wait for its record, however many tries that
+            # takes (its claim expires after SEND_IN_FLIGHT_TTL_S if it died).
+            raise self.retry_later()
+        with freed_if_unsent(lambda: client.delete(key)):
+            make_durable(client, self.settings)  # the claim survives a failover before the send
+            message = compose_reply(reply, self.settings)
+            reservation = self.cap().take()
+        try:
+            send_smtp(message, self.settings)
+        except TransientDeliveryError:
+            reservation.give_back()
+            client.delete(key)
+            raise
+        except PermanentDeliveryError:
+            reservation.give_back()
+            client.set(key, "refused", ex=SENT_TTL_S)
+            raise
+        message_id = str(message["Message-ID"])
+        client.set(key, message_id, ex=SENT_TTL_S)
+        # The answer joins the thread of those who saw it (see EmailChannel.to_job).
+        owners = reply.context.get("thread_owners", "").split() or [owner_key(reply.reply_to)]
+        answer = ChatMessage(role="assistant", content=reply.text)
+        EmailRecords(client).remember_turn(owners, message_id, answer)
+        return Outcome(DELIVERED, {"message_id": message_id})
 
 
 @app.task(name=delivery_task("email"), bind=True, max_retries=None)
 def deliver_email(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by email once; transient SMTP failures are retried with backoff."""
-    reply = Reply.model_validate(reply_data)
-    with bind_job(reply.job_id):
-        try:
-            return _deliver(self, reply)
-        except OutboundCappedError as capped:
-            settings = get_settings()
-            return hold(self, reply, capped, settings.outbound_hold_max_age, broker_redis())
-
-
-def _take_slot(client: redis.Redis, key: str, settings: Settings) -> Reservation:
-    """One send from this hour's email cap; the claim `key` is freed when there is none."""
-    try:
-        return OutboundCap(client, "email", settings.email_max_per_hour).take()
-    except (OutboundCappedError, redis.RedisError):
-        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
-            client.delete(key)
-        raise
-
-
-def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
-    settings = get_settings()
-    client = broker_redis()
-    who = digest(reply.reply_to.lower())
-    key = f"{PREFIX}sent:{reply.job_id}"
-    if not client.set(key, "sending", nx=True, ex=SEND_IN_FLIGHT_TTL_S):
-        state = cast(bytes | None, client.get(key))
-        if state != b"sending":
-            return {"status": "already sent"}
-        raise self.retry(countdown=_backoff(settings, self.request.retries))
-    try:
-        make_durable(client, settings)  # the claim survives a failover before the send
-    except redis.RedisError:
-        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
-            client.delete(key)
-        raise
-    message = compose_reply(reply, settings)
-    reservation = _take_slot(client, key, settings)
-    try:
-        send_smtp(message, settings)
-    except TransientSmtpError as error:
-        reservation.give_back()
-        client.delete(key)
-        if self.request.retries >= settings.email_max_retries:
-            log.error("reply %s to %s abandoned: %s", reply.job_id, who, error)
-            Metrics(client).count("gpt4p_delivery_failures",
-                                  {"channel": "email", "reason": "abandoned"})  # fmt: skip
-            return {"status": "abandoned"}
-        log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
-        raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
-    except PermanentSmtpError as error:
-        reservation.give_back()
-        client.set(key, "refused", ex=SENT_TTL_S)
-        log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
-        Metrics(client).count("gpt4p_delivery_failures", {"channel": "email", "reason": "refused"})
-        return {"status": "refused"}
-    message_id = str(message["Message-ID"])
-    client.set(key, message_id, ex=SENT_TTL_S)
-    # The answer joins the thread of those who saw it (see EmailChannel.to_job).
-    owners = reply.context.get("thread_owners", "").split() or [owner_key(reply.reply_to)]
-    answer = ChatMessage(role="assistant", content=reply.text)
-    EmailRecords(client).remember_turn(owners, message_id, answer)
-    log.info("reply %s sent to %s", reply.job_id, who)
-    Metrics(client).count("gpt4p_deliveries", {"channel": "email"})
-    return {"status": "delivered", "message_id": message_id}
+    return EmailDelivery(self, Reply.model_validate(reply_data)).run()

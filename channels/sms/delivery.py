@@ -11,34 +11,39 @@ log lagging behind an accepted message by more than that margin.
 
 Right before a reply's first part goes out, its parts are taken from the
 global hourly cap (`channels.outbound_cap`); past the cap the reply is held
-for the next hour.
+for the next hour. Retries, logs and metrics are every channel's
+(`channels.delivery`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 from datetime import UTC, datetime
-from functools import lru_cache
-from typing import Any
+from functools import cached_property, lru_cache
+from typing import Any, ClassVar
 
-import redis
 import requests
 from celery import Task
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from channels.outbound_cap import OutboundCap, OutboundCappedError, Reservation, hold
+from channels.delivery import (
+    DELIVERED,
+    Delivery,
+    DeliveryPolicy,
+    Outcome,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    freed_if_unsent,
+)
+from channels.outbound_cap import OutboundCap, Reservation
 from channels.sms.split import split_for_sms
 from channels.sms.state import SmsState, number_id
 from kernel.contract import ChatMessage, Reply, delivery_task
-from kernel.logs import bind_job
-from kernel.metrics import Metrics
 from kernel.replication import make_durable
 from kernel.settings import Settings, get_settings
-from workers.app import app, broker_redis
+from workers.app import app
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +55,8 @@ class SmsNotConfiguredError(RuntimeError):
     """A Twilio setting needed to send is missing; the message names it."""
 
 
-class TransientSendError(RuntimeError):
-    """Twilio answered that it did not take the message now (429, 5xx): send it again later."""
-
-
-class AmbiguousSendError(TransientSendError):
+class AmbiguousSendError(TransientDeliveryError):
     """No answer from Twilio (timeout, connection lost): the message may have been created."""
-
-
-class PermanentSendError(RuntimeError):
-    """Twilio will never accept this send (invalid number, unsubscribed recipient, ...)."""
-
-    def __init__(self, message: str, code: int | None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class TwilioSender:
@@ -83,20 +76,20 @@ class TwilioSender:
         self.client.api.base_url = settings.twilio_api_base.rstrip("/")
 
     def send(self, to: str, sender: str | None, body: str) -> str:
-        """Send one message; return its SID or raise Transient/PermanentSendError."""
+        """Send one message; return its SID or raise Transient/PermanentDeliveryError."""
         options: dict[str, Any] = {"to": to, "body": body}
         if self.settings.twilio_messaging_service_sid:
             options["messaging_service_sid"] = self.settings.twilio_messaging_service_sid
         else:
             options["from_"] = self.settings.twilio_from or sender
             if not options["from_"]:
-                raise PermanentSendError("no sender: set GPT4P_TWILIO_FROM", None)
+                raise PermanentDeliveryError("no sender: set GPT4P_TWILIO_FROM")
         try:
             return str(self.client.messages.create(**options).sid)
         except TwilioRestException as error:
             if error.status == 429 or error.status >= 500:
-                raise TransientSendError(f"Twilio answered {error.status}") from error
-            raise PermanentSendError(
+                raise TransientDeliveryError(f"Twilio answered {error.status}") from error
+            raise PermanentDeliveryError(
                 f"Twilio refused the message ({error.status}, code {error.code})", error.code
             ) from error
         except requests.RequestException as error:
@@ -113,19 +106,19 @@ class TwilioSender:
                 if message.body == body:
                     return str(message.sid)
         except TwilioRestException as error:
-            raise TransientSendError(f"Twilio message log unavailable ({error.status})") from error
+            raise TransientDeliveryError(
+                f"Twilio message log unavailable ({error.status})"
+            ) from error
         except requests.RequestException as error:
-            raise TransientSendError(f"Twilio unreachable: {error.__class__.__name__}") from error
+            raise TransientDeliveryError(
+                f"Twilio unreachable: {error.__class__.__name__}"
+            ) from error
         return None
 
 
 @lru_cache(maxsize=1)
 def _sender() -> TwilioSender:
     return TwilioSender(get_settings())
-
-
-def _state() -> SmsState:
-    return SmsState(broker_redis(), get_settings())
 
 
 def send_parts(
@@ -170,7 +163,7 @@ def _claim_part(reply: Reply, index: int, body: str, sender: TwilioSender, state
     if claim == "sent":
         return False
     if claim == "in_flight":
-        raise TransientSendError(f"part {index} is being sent by another delivery")
+        raise TransientDeliveryError(f"part {index} is being sent by another delivery")
     if claim == "unknown":
         existing = sender.find_sent(reply.reply_to, reply.reply_from, body, started)
         if existing is not None:
@@ -185,78 +178,70 @@ def _reserve(
     cap: OutboundCap, count: int, reply: Reply, index: int, state: SmsState
 ) -> Reservation:
     """`count` sends from this hour's cap; part `index` is freed again when there are none."""
-    try:
+    with freed_if_unsent(lambda: state.release_part(reply.job_id, index)):
         return cap.take(count)
-    except (OutboundCappedError, redis.RedisError):
-        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
-            state.release_part(reply.job_id, index)
-        raise
 
 
 def _send_part(reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState) -> None:
     """Send claimed part `index` and record its SID; a failed send frees the claim."""
     # The claim must survive a failover before the send, which cannot be undone.
-    try:
+    with freed_if_unsent(lambda: state.release_part(reply.job_id, index)):
         make_durable(state.redis, state.settings)
-    except redis.RedisError:
-        with contextlib.suppress(redis.RedisError):  # nothing was sent: free it for a retry
-            state.release_part(reply.job_id, index)
-        raise
     try:
         sid = sender.send(reply.reply_to, reply.reply_from, body)
     except AmbiguousSendError:
         raise  # keep the claim: the next attempt asks Twilio before sending again
-    except (TransientSendError, PermanentSendError):
+    except (TransientDeliveryError, PermanentDeliveryError):
         state.release_part(reply.job_id, index)
         raise
     state.record_part(reply.job_id, index, sid)
 
 
-def _backoff(settings: Settings, retries: int) -> float:
-    delay = min(settings.sms_retry_backoff * 2**retries, 300.0)
-    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+class SmsDelivery(Delivery):
+    """A reply's delivery by SMS: to a number that has not opted out, in parts."""
+
+    channel = "sms"
+    nothing_sent: ClassVar[dict[str, Any]] = {"sent": 0}
+
+    @property
+    def policy(self) -> DeliveryPolicy:
+        """SMS retries (GPT4P_SMS_MAX_RETRIES, GPT4P_SMS_RETRY_BACKOFF) and hourly cap."""
+        return DeliveryPolicy(
+            max_retries=self.settings.sms_max_retries,
+            backoff_s=self.settings.sms_retry_backoff,
+            backoff_ceiling_s=300.0,
+            per_hour=self.settings.sms_max_per_hour,
+        )
+
+    @cached_property
+    def recipient(self) -> str:
+        """The number's pseudonym (`number_id`)."""
+        return number_id(self.reply.reply_to)
+
+    @cached_property
+    def state(self) -> SmsState:
+        """What the SMS channel keeps in Redis: part claims, opt-outs, conversations."""
+        return SmsState(self.redis, self.settings)
+
+    def send(self) -> Outcome:
+        """Send the parts not sent yet; the reply joins the number's conversation."""
+        reply = self.reply
+        if self.state.is_opted_out(reply.reply_to):
+            log.info("reply %s not sent: %s opted out", reply.job_id, self.recipient)
+            return Outcome("opted_out", {"sent": 0})
+        sent = send_parts(reply, _sender(), self.state, self.settings.sms_max_parts, self.cap())
+        if reply.engine != "keyword":
+            self.state.remember(reply.reply_to, ChatMessage(role="assistant", content=reply.text))
+        return Outcome(DELIVERED, {"sent": sent}, how=f" in {sent} part(s)")
+
+    def refused(self, error: PermanentDeliveryError) -> dict[str, Any]:
+        """A number that replied STOP is opted out: nothing more is sent to it."""
+        if error.code in OPTED_OUT_CODES:
+            self.state.opt_out(self.reply.reply_to)
+        return {"sent": 0, "code": error.code}
 
 
 @app.task(name=delivery_task("sms"), bind=True, max_retries=None)
 def deliver_sms(self: Task, reply_data: dict[str, Any]) -> dict[str, Any]:
     """Send a reply by SMS: split, each part once, transient failures retried with backoff."""
-    reply = Reply.model_validate(reply_data)
-    with bind_job(reply.job_id):
-        try:
-            return _deliver(self, reply)
-        except OutboundCappedError as capped:
-            settings = get_settings()
-            return hold(self, reply, capped, settings.outbound_hold_max_age, broker_redis())
-
-
-def _deliver(self: Task, reply: Reply) -> dict[str, Any]:
-    settings = get_settings()
-    who = number_id(reply.reply_to)
-    state = _state()
-    if state.is_opted_out(reply.reply_to):
-        log.info("reply %s not sent: %s opted out", reply.job_id, who)
-        return {"sent": 0, "status": "opted_out"}
-    cap = OutboundCap(state.redis, "sms", settings.sms_max_per_hour)
-    try:
-        sent = send_parts(reply, _sender(), state, settings.sms_max_parts, cap)
-    except TransientSendError as error:
-        if self.request.retries >= settings.sms_max_retries:
-            log.error("reply %s to %s abandoned after %d retries: %s",
-                      reply.job_id, who, self.request.retries, error)  # fmt: skip
-            Metrics(state.redis).count("gpt4p_delivery_failures",
-                                       {"channel": "sms", "reason": "abandoned"})  # fmt: skip
-            return {"sent": 0, "status": "abandoned"}
-        log.warning("reply %s to %s: %s; retrying", reply.job_id, who, error)
-        raise self.retry(countdown=_backoff(settings, self.request.retries)) from None
-    except PermanentSendError as error:
-        log.warning("reply %s to %s refused: %s", reply.job_id, who, error)
-        if error.code in OPTED_OUT_CODES:
-            state.opt_out(reply.reply_to)
-        Metrics(state.redis).count("gpt4p_delivery_failures",
-                                   {"channel": "sms", "reason": "refused"})  # fmt: skip
-        return {"sent": 0, "status": "refused", "code": error.code}
-    if reply.engine != "keyword":
-        state.remember(reply.reply_to, ChatMessage(role="assistant", content=reply.text))
-    log.info("reply %s sent to %s in %d part(s)", reply.job_id, who, sent)
-    Metrics(state.redis).count("gpt4p_deliveries", {"channel": "sms"})
-    return {"sent": sent, "status": "delivered"}
+    return SmsDelivery(self, Reply.model_validate(reply_data)).run()

@@ -29,6 +29,7 @@ from celery import Celery
 from gpt4people.redis_server import RedisServer, free_port
 from gpt4people.whereabouts import locate_jobs
 from kernel.contract import Reply
+from kernel.keys import RESULT_KEY_PREFIX
 from tests.channels.mail_servers import SmtpCapture
 from tests.channels.test_http import metric_values
 from tests.channels.test_sms import new_sid, replies, text
@@ -45,7 +46,7 @@ from tests.conftest import (
 )
 from tests.security.conftest import DB_SEC_SMS
 from workers.app import celery_for
-from workers.client import RESULT_KEY_PREFIX, enqueue_delivery
+from workers.client import enqueue_delivery
 
 OUTBOUND_KEYS = "gpt4p:outbound:*"  # the caps' counts (channels.outbound_cap.PREFIX)
 CAP = 3  # replies per hour and channel
@@ -216,7 +217,8 @@ def test_the_cap_holds_a_reply_whole_and_a_failed_send_gives_its_slot_back(
 def test_a_reply_held_past_its_max_age_is_dropped_and_counted(
     web: str, client: redis.Redis
 ) -> None:
-    from channels.outbound_cap import OutboundCappedError, hold
+    from channels.delivery import hold
+    from channels.outbound_cap import OutboundCappedError
     from channels.sms.delivery import deliver_sms
 
     old = Reply(job_id="sms-old", channel="sms", reply_to=fresh_number(), text="late",
