@@ -31,8 +31,9 @@ task_routes = {
     INFERENCE_TASK: {"queue": INFERENCE_QUEUE},
     **{c.delivery_task: {"queue": c.delivery_queue} for c in delivered_channels()},
 }
-# Every worker knows the delivery tasks; which queues it consumes decides what it runs.
-imports = ("workers.tasks", "channels.sms.delivery", "channels.email.delivery")
+# Every worker has the same lifecycle (workers.lifecycle) and knows the delivery tasks;
+# which queues it consumes decides what it runs.
+imports = ("workers.lifecycle", "workers.tasks", "channels.sms.delivery", "channels.email.delivery")
 
 # Acknowledge after the answer exists, not on receipt: a worker that dies
 # mid-generation leaves the job in Redis for another worker instead of losing it.

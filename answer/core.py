@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-from celery.exceptions import SoftTimeLimitExceeded
-
-from answer.engines import Engine, Generation, PromptTooLongError, TextSink
+from answer.engines import (
+    Engine,
+    Generation,
+    GenerationTimeLimitError,
+    PromptTooLongError,
+    TextSink,
+)
 from answer.routing import (
     AfterHelper,
     HelperCall,
@@ -182,7 +186,7 @@ def generate_reply(
         log.info("job %s refused: %s", job.id, error)
         text, finish_reason, prompt_tokens, completion_tokens = "", "fallback", 0, 0
         text = TOO_LONG_REPLY.format(reason=error)
-    except SoftTimeLimitExceeded:
+    except GenerationTimeLimitError:
         # Out of time: what was generated so far beats nothing; an apology beats a traceback.
         partial = "".join(produced).strip()
         log.warning("job %s hit its time limit after %d characters", job.id, len(partial))

@@ -107,9 +107,13 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from answer.engines import INFERENCE_WORKER_ENV, batches
     from kernel.contract import INFERENCE_QUEUE, gpu_queue, model_queue
     from kernel.model_files import model_label
+    from workers.commandline import (
+        celery_command,
+        inference_worker_arguments,
+        mark_inference_worker,
+    )
 
     if args.gpus is not None:
         return _run_gpu_workers(args)
@@ -124,25 +128,12 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         queues.append(gpu_queue(args.gpu))
         hostname = args.hostname or f"gpu{args.gpu}@%h"
         concurrency = 1  # unbatched: one inference at a time per GPU
-    pool = "prefork"
-    if batches(settings):
-        # One batched engine per process: task threads hand it their jobs.
-        pool, concurrency = "threads", settings.parallel
     if settings.engine == "llama":
         from kernel.model_files import resolve_model_path
 
         resolve_model_path(settings)  # assemble the default model in the parent, once
-    os.environ[INFERENCE_WORKER_ENV] = "1"
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker",
-        "--queues", ",".join(queues),
-        "--hostname", hostname,
-        "--concurrency", str(concurrency),
-        "--pool", pool,
-        "--loglevel", settings.log_level,
-        "--without-mingle", "--without-gossip",
-        "--task-events",
-    ]  # fmt: skip
+    mark_inference_worker(os.environ)
+    command = celery_command(*inference_worker_arguments(settings, queues, hostname, concurrency))
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached
@@ -168,20 +159,13 @@ def _run_gpu_workers(args: argparse.Namespace) -> int:
 
 
 def _cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
-    from kernel.contract import delivery_queue
+    from workers.commandline import celery_command, delivery_worker_arguments
 
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker",
-        "--queues", ",".join(delivery_queue(c) for c in args.channels),
-        "--hostname", args.hostname or "deliver@%h",
-        # Processes, not threads: the threads pool's consumer dies on a lost Redis
-        # connection (kombu restores unacked messages on a closed connection).
-        "--pool", "prefork", "--concurrency", str(args.concurrency),
-        "--loglevel", settings.log_level,
-        "--without-mingle", "--without-gossip", "--task-events",
-    ]  # fmt: skip
+    hostname = args.hostname or "deliver@%h"
+    arguments = delivery_worker_arguments(args.channels, hostname, args.concurrency,
+                                          settings.log_level)  # fmt: skip
     sys.stdout.flush()
-    os.execv(sys.executable, command)
+    os.execv(sys.executable, celery_command(*arguments))
     return 0  # not reached
 
 
@@ -193,6 +177,7 @@ FLOWER_ENV_OVERRIDES = ("FLOWER_ADDRESS", "FLOWER_PORT", "FLOWER_BASIC_AUTH",
 
 def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     from gpt4people.supervisor import StackError, check_flower_exposure
+    from workers.commandline import celery_command
 
     try:
         check_flower_exposure(settings)
@@ -203,11 +188,8 @@ def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
         # Flower reads FLOWER_BASIC_AUTH from its environment, which only this user can
         # read (/proc/PID/environ); an argument would be in every user's `ps`.
         env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "flower",
-        f"--port={settings.flower_port}", f"--address={settings.flower_host}",
-        "--loglevel=WARNING",
-    ]  # fmt: skip
+    command = celery_command("flower", f"--port={settings.flower_port}",
+                             f"--address={settings.flower_host}", "--loglevel=WARNING")  # fmt: skip
     sys.stdout.flush()
     os.execve(sys.executable, command, env)
     return 0  # not reached

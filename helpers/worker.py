@@ -9,12 +9,11 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown
 
 from helpers.sdk import Helper, HelperError, HelperRequest
-from kernel.contract import helper_queue, helper_task
-from kernel.helper_registry import Heartbeat, HelperRegistry
-from workers.app import broker_redis
+from kernel.contract import helper_task
+from workers.commandline import helper_worker_arguments
+from workers.lifecycle import HelperRegistration, add_concern
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +89,5 @@ def run_helper_worker(
 ) -> None:
     """Run `helper` as a Celery worker until stopped, registered while it runs."""
     register_task(app, helper)
-    registry = HelperRegistry(broker_redis(), ttl=ttl)
-    beats: list[Heartbeat] = []
-
-    @worker_ready.connect(weak=False)
-    def _registered(sender: Any, **_: object) -> None:
-        registry.register(helper, sender.hostname)
-        beat = Heartbeat(registry, helper.name, sender.hostname)
-        beat.start()
-        beats.append(beat)
-        log.info("helper %s registered as %s", helper.name, sender.hostname)
-
-    @worker_shutdown.connect(weak=False)
-    def _deregistered(**_: object) -> None:
-        for beat in beats:
-            beat.stop()
-
-    app.worker_main([
-        "worker", "--queues", helper_queue(helper.name), "--hostname", hostname,
-        "--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
-        "--without-mingle", "--without-gossip", "--task-events",
-    ])  # fmt: skip
+    add_concern(HelperRegistration(helper, ttl))
+    app.worker_main(helper_worker_arguments(helper.name, hostname, concurrency, loglevel))

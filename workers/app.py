@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 from kernel.logs import configure_handler
-from kernel.metrics import Metrics
 from kernel.redis_client import celery_transport_options, redis_client, resolve_redis_url
 from kernel.settings import Settings, get_settings
 from workers.privacy import APP_OPTIONS  # task arguments shown as summaries only
@@ -63,12 +61,6 @@ def _forget_inherited_client() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_inherited_client)
-
-
-@worker_ready.connect
-def _index_consumed_queues(sender: Any, **_: object) -> None:
-    """Every worker (inference, helper, delivery) adds the queues it consumes to the index."""
-    Metrics(broker_redis()).note_queues(q.name for q in sender.task_consumer.queues)
 
 
 def celery_for(settings: Settings) -> Celery:

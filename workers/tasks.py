@@ -1,181 +1,79 @@
-"""The inference task, and the engine each worker process loads once at start."""
+"""The tasks of the answer path: a job answered (`infer`), or answered once its helper is
+done (`after_helper`). When a worker loads its engine and what else it runs is
+`workers.lifecycle`."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
-import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from celery import Task, bootsteps
-from celery.exceptions import Ignore
-from celery.signals import (
-    task_received,
-    worker_process_init,
-    worker_process_shutdown,
-    worker_ready,
-    worker_shutdown,
-)
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from answer.core import answer, answer_after_helper
-from answer.engines import INFERENCE_WORKER_ENV, Engine, TextSink, batches, create_engine
-from answer.routing import RATE_PREFIX, AfterHelper, HelperCall, HelperGateway
+from answer.engines import Engine, Generation, GenerationTimeLimitError, TextSink
+from answer.routing import AfterHelper, HelperCall
 from kernel.channels import channel_facts
 from kernel.contract import (
     AFTER_HELPER_TASK,
     INFERENCE_QUEUE,
     INFERENCE_TASK,
+    ChatMessage,
+    GenerationOptions,
     Job,
     Reply,
 )
-from kernel.helper_registry import HelperRegistry
 from kernel.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
-from kernel.model_files import model_label
-from kernel.ratelimit import SenderRateLimit
 from kernel.settings import get_settings
 from kernel.streaming import encode_event, stream_channel
 from workers.app import app, broker_redis
 from workers.client import enqueue_delivery
 from workers.handover import answered, hand_over
-from workers.liveness import WorkerHeartbeat
+from workers.lifecycle import this_process
 from workers.privacy import delivered_summary
-from workers.recovery import Recovery, delivery_tag, instance_id, record_owner
 
 log = logging.getLogger(__name__)
-
-_engine: Engine | None = None
-_engine_lock = threading.Lock()
-_gateway: HelperGateway | None = None
-
-
-def get_gateway() -> HelperGateway:
-    """This process's way to call helpers (one Redis connection pool)."""
-    global _gateway
-    if _gateway is None:
-        settings = get_settings()
-        registry = HelperRegistry(broker_redis(), ttl=settings.helper_ttl)
-        limit = SenderRateLimit(broker_redis(), RATE_PREFIX, settings.helper_rate_limit,
-                                settings.helper_rate_window)  # fmt: skip
-        _gateway = HelperGateway(registry, limit)
-    return _gateway
-
-
-def get_engine() -> Engine:
-    """This process's engine, loaded on first use (normally at process start)."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = create_engine(get_settings())
-        return _engine
-
-
-def _preload(where: str) -> None:
-    started = time.monotonic()
-    try:
-        get_engine()
-        process = f"{socket.gethostname()}:{os.getpid()}"
-        _metrics().gauge("gpt4p_model_load_seconds", {"worker": process},
-                         time.monotonic() - started)  # fmt: skip
-    except Exception as error:
-        # A model that cannot load never will: stop the worker instead of letting
-        # the pool restart this process in a loop.
-        log.critical("cannot load the model (%s); stopping this worker", error)
-        os.kill(os.getppid() if where == "child" else os.getpid(), signal.SIGTERM)
-        raise
-
-
-@worker_process_init.connect
-def _load_engine_in_child(**_: object) -> None:
-    # One job at a time per process: loaded in each pool process after the fork
-    # (llama.cpp state must not be shared across fork; the first job should not wait).
-    if os.environ.get(INFERENCE_WORKER_ENV) == "1" and not batches(get_settings()):
-        _preload("child")
-
-
-@worker_ready.connect
-def _load_batched_engine(**_: object) -> None:
-    # Batched: one engine in the worker process itself, shared by the task threads.
-    if os.environ.get(INFERENCE_WORKER_ENV) == "1" and batches(get_settings()):
-        _preload("main")
-
 
 # Streamed text is published at most this often (a person reads no faster). Below the
 # batched engine's own 50 ms (TEXT_INTERVAL_S), so its pieces go out as they come rather
 # than waiting, by a hair of jitter, for the next one.
 STREAM_INTERVAL_S = 0.04
 
-_heartbeats: list[WorkerHeartbeat] = []
-_recovery: list[Recovery] = []
 
+class TaskEngine:
+    """This process's engine as a task runs it: Celery's soft time limit, which the prefork
+    pool raises into the task wherever it is, reaches the answer path as its own
+    `GenerationTimeLimitError` (the batched engine raises that itself), so the person
+    gets the text so far or an apology."""
 
-@worker_ready.connect
-def _start_recovery(sender: Any, **_: object) -> None:
-    # Every worker (inference, delivery, helper) records who holds which job and
-    # returns the jobs of dead workers to their queues.
-    settings = get_settings()
-    # Past the hard time limit (plus a margin) no inference job can still be running.
-    stuck_after = settings.task_time_limit * 1.2 + 10
-    recovery = Recovery(app, broker_redis(), instance_id(sender.hostname),
-                        settings.worker_heartbeat_ttl, stuck_after)  # fmt: skip
-    recovery.start()
-    _recovery.append(recovery)
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.name, self.model_name = engine.name, engine.model_name
 
-
-class _RenewInstanceOnReconnect(bootsteps.StartStopStep):
-    """Runs each time the consumer (re)connects; on a reconnect, a new recovery instance."""
-
-    requires = ("celery.worker.consumer.connection:Connection",)
-
-    def start(self, consumer: Any) -> None:
-        for recovery in _recovery:  # empty on the first start (worker_ready comes after)
-            recovery.renew()
-
-
-app.steps["consumer"].add(_RenewInstanceOnReconnect)
-
-
-@task_received.connect
-def _record_owner(request: Any, **_: object) -> None:
-    tag = delivery_tag(request)
-    if tag is not None and _recovery:
+    def generate(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:  # fmt: skip
+        """The engine's generation; past the soft time limit, `GenerationTimeLimitError`."""
         try:
-            record_owner(_recovery[0].client, tag, _recovery[0].instance)
-        except redis.RedisError as error:
-            log.warning("job owner not recorded (%s)", error.__class__.__name__)
+            return self.engine.generate(messages, options, on_text)
+        except SoftTimeLimitExceeded as error:
+            raise GenerationTimeLimitError("past the task's soft time limit") from error
 
 
-@worker_ready.connect
-def _announce_inference_worker(sender: Any, **_: object) -> None:
-    # Only workers that answer jobs count for readiness (not helpers or deliverers).
-    queues = {q.name for q in sender.task_consumer.queues}
-    if INFERENCE_QUEUE not in queues:
-        return
-    heartbeat = WorkerHeartbeat(broker_redis(), sender.hostname, model_label(get_settings()))
-    heartbeat.start()
-    _heartbeats.append(heartbeat)
-
-
-@worker_shutdown.connect
-def _retire_inference_worker(**_: object) -> None:
-    for heartbeat in _heartbeats:
-        heartbeat.stop()
-    for recovery in _recovery:
-        recovery.stop()
-
-
-@worker_process_shutdown.connect
-@worker_shutdown.connect
-def _drop_engine(**_: object) -> None:
-    global _engine
-    engine, _engine = _engine, None
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close()
+@contextmanager
+def _failing_as_celery_time_limit() -> Iterator[None]:
+    """A time limit the answer path does not answer for (while the model decides whether to
+    call a helper) fails the task as Celery's own, which callers word as "took too long"."""
+    try:
+        yield
+    except GenerationTimeLimitError as error:
+        raise SoftTimeLimitExceeded() from error
 
 
 class _StreamPublisher:
@@ -228,12 +126,8 @@ class _Timing:
         return on_text
 
 
-def _metrics() -> Metrics:
-    return Metrics(broker_redis())
-
-
 def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
-    with _metrics().batch() as metrics:  # one round trip: the reply waits for it
+    with Metrics(broker_redis()).batch() as metrics:  # one round trip: the reply waits for it
         _observe(metrics, job, reply, worker, timing)
 
 
@@ -288,10 +182,12 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """
     job = Job.model_validate(job_data)
     worker = self.request.hostname or ""
-    helpers, tools = get_gateway(), get_settings().model_tools
+    helpers, tools = this_process.helper_gateway(), get_settings().model_tools
     timing = _Timing()
     stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
-    answered = answer(job, get_engine(), worker, timing.wrap(stream), helpers, tools)
+    with _failing_as_celery_time_limit():
+        answered = answer(job, TaskEngine(this_process.engine()), worker, timing.wrap(stream),
+                          helpers, tools)  # fmt: skip
     if isinstance(answered, HelperCall):
         hand_over(self.app, broker_redis(), answered, _queue_of(self))
         raise Ignore()  # acknowledged, no result: the job's ledger entry now waits for it
@@ -310,9 +206,10 @@ def after_helper(self: Task, value: dict[str, Any], then_data: dict[str, Any]) -
         # the job has its reply. Without one, even a rerun answers (its process died).
         log.info("job %s was already answered; this helper answer is dropped", job.id)
         raise Ignore()
-    outcome = get_gateway().outcome(then.helper, value)
+    outcome = this_process.helper_gateway().outcome(then.helper, value)
     timing = _Timing()
     stream = _StreamPublisher(job, broker_redis()) if job.options.stream else None
-    reply = answer_after_helper(then, outcome, get_engine(), timing.wrap(stream))
+    reply = answer_after_helper(then, outcome, TaskEngine(this_process.engine()),
+                                timing.wrap(stream))  # fmt: skip
     worker = self.request.hostname or ""
     return _finish(self, job, reply.model_copy(update={"worker": worker}), timing, stream)

@@ -15,13 +15,14 @@ from kernel.settings import Settings
 
 TextSink = Callable[[str], None]
 
-# Set by `gpt4people worker`: the process answers inference jobs, so it loads the model
-# at start. Other workers (deliveries, helpers) import the same tasks but never load it.
-INFERENCE_WORKER_ENV = "GPT4P_INFERENCE_WORKER"
-
 
 class PromptTooLongError(ValueError):
     """The conversation does not fit the model's context window, even cut to its last turn."""
+
+
+class GenerationTimeLimitError(TimeoutError):
+    """The generation ran past its time limit (GPT4P_TASK_SOFT_TIME_LIMIT); the text
+    produced so far has already gone to the caller's `on_text`."""
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,10 @@ from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
-from celery.exceptions import SoftTimeLimitExceeded
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
-from answer.engines import Generation, TextSink, offloaded_layers
+from answer.engines import Generation, GenerationTimeLimitError, TextSink, offloaded_layers
 from answer.engines.prompting import PromptFitter
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.model_files import model_label, resolve_model_path
@@ -206,8 +205,8 @@ class BatchedLlamaEngine:
     ) -> Generation:
         """Complete the conversation with the others in flight; stream text into `on_text`.
 
-        Raises `SoftTimeLimitExceeded` past GPT4P_TASK_SOFT_TIME_LIMIT (the text so far has
-        gone to `on_text`), like a Celery soft time limit in a process pool.
+        Raises `GenerationTimeLimitError` past GPT4P_TASK_SOFT_TIME_LIMIT (the text so far has
+        gone to `on_text`): a threads pool has no time limits, so the engine keeps its own.
         """
         settings = self._settings
         prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
@@ -245,7 +244,7 @@ class BatchedLlamaEngine:
             elif kind == "done":
                 return value
             elif kind == "timeout":
-                raise SoftTimeLimitExceeded()
+                raise GenerationTimeLimitError("past GPT4P_TASK_SOFT_TIME_LIMIT")
             else:
                 raise value  # an error from the engine thread
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from answer.core import BLANK_FALLBACK, TIMED_OUT_REPLY, answer
-from answer.engines import Generation, PromptTooLongError, TextSink
+from answer.engines import (
+    Engine,
+    Generation,
+    GenerationTimeLimitError,
+    PromptTooLongError,
+    TextSink,
+)
 from answer.engines.echo import EchoEngine
 from kernel.contract import ChatMessage, GenerationOptions, Job
+from workers.tasks import TaskEngine
 
 
 class ScriptedEngine:
@@ -72,7 +80,7 @@ def test_the_echo_engine_answers_with_the_prompt() -> None:
 
 
 class SlowEngine:
-    """Produces some text, then runs out of time as Celery's soft limit makes it."""
+    """Produces some text, then runs out of time: past its own deadline (the batched engine)."""
 
     name = "slow"
     model_name = "slow"
@@ -86,15 +94,35 @@ class SlowEngine:
     ) -> Generation:  # fmt: skip
         if on_text is not None and self.before_limit:
             on_text(self.before_limit)
-        raise SoftTimeLimitExceeded()
+        raise GenerationTimeLimitError()
 
 
-def test_an_answer_cut_by_the_time_limit_is_sent_as_far_as_it_got() -> None:
-    reply = answer(job(), SlowEngine(" The French capital is Paris, and"))
+class SlowUnderCelery(SlowEngine):
+    """... or as Celery's soft limit makes it in a task of the prefork pool."""
+
+    def generate(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions,
+        on_text: TextSink | None = None,
+    ) -> Generation:  # fmt: skip
+        try:
+            return super().generate(messages, options, on_text)
+        except GenerationTimeLimitError:
+            raise SoftTimeLimitExceeded() from None
+
+
+def slow_engines(before_limit: str) -> list[Engine]:
+    return [SlowEngine(before_limit), TaskEngine(SlowUnderCelery(before_limit))]
+
+
+@pytest.mark.parametrize("engine", slow_engines(" The French capital is Paris, and"),
+                         ids=["engine", "celery"])  # fmt: skip
+def test_an_answer_cut_by_the_time_limit_is_sent_as_far_as_it_got(engine: Engine) -> None:
+    reply = answer(job(), engine)
     assert reply.text == "The French capital is Paris, and …"
     assert reply.finish_reason == "length"
 
 
-def test_a_time_limit_before_any_text_gets_an_apology() -> None:
-    reply = answer(job(), SlowEngine(""))
+@pytest.mark.parametrize("engine", slow_engines(""), ids=["engine", "celery"])
+def test_a_time_limit_before_any_text_gets_an_apology(engine: Engine) -> None:
+    reply = answer(job(), engine)
     assert reply.text == TIMED_OUT_REPLY
