@@ -31,7 +31,6 @@ from kernel.ratelimit import SenderRateLimit
 log = logging.getLogger(__name__)
 
 EXPLICIT = re.compile(r"^/([a-z][a-z0-9_-]{0,31})(?:[ \t\r\n]+(.*))?$", re.DOTALL)
-RATE_PREFIX = "gpt4p:helper:rate:"
 RATE_LIMITED = "Sorry, you have asked the helpers too often. Please try again in a few minutes."
 
 

@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 from celery import Celery
+
+from kernel.redis_client import redis_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,7 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def _redis_round_trip(url: str, n: int) -> list[float]:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     samples = []
     for _ in range(n):
         started = time.perf_counter()

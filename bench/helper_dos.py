@@ -41,6 +41,10 @@ from typing import Any
 import httpx
 import redis
 
+from kernel.helper_registry import HelperRegistry
+from kernel.keys import METRICS_COUNTERS_KEY
+from kernel.redis_client import redis_client
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"calc": "/calc (2**-1000)**19", "nap": "/nap 5"}
 HELPERS = {"calc": "calc", "time": "time", "nap": "bench.nap_helper"}
@@ -69,9 +73,7 @@ def _ask_time(base: str) -> float:
 
 
 def _received(client: redis.Redis) -> int:
-    from kernel.metrics import COUNTERS
-
-    raw = client.hget(COUNTERS, RECEIVED)
+    raw = client.hget(METRICS_COUNTERS_KEY, RECEIVED)
     return int(float(raw)) if isinstance(raw, bytes) else 0
 
 
@@ -114,8 +116,6 @@ def _round(base: str, client: redis.Redis, hostile: str, count: int) -> dict[str
 
 
 def _live_helpers(client: redis.Redis) -> set[str]:
-    from kernel.helper_registry import HelperRegistry  # after `workers`, which helpers need first
-
     return {h.name for h in HelperRegistry(client).live()}
 
 
@@ -157,7 +157,7 @@ def _run(hostile: int, rounds: int) -> dict[str, Any]:
         env = base_env(Path(tmp), redis_url=server.url, engine="echo", worker_concurrency="1",
                        helper_rate_limit=RATE_LIMIT)  # fmt: skip
         processes = [_start_helper(env, name, target) for name, target in HELPERS.items()]
-        client = redis.Redis.from_url(server.url)
+        client = redis_client(server.url)
         try:
             processes.append(start_worker(env, "echo@bench"))
             deadline = time.monotonic() + 120

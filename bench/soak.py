@@ -60,11 +60,11 @@ from bench.soak_traffic import (
 )
 from gpt4people.redis_server import RedisServer, free_port
 from gpt4people.status import queue_depths
+from kernel.keys import LEDGER_KEY, UNACKED_KEY
+from kernel.redis_client import redis_client
 from tests.channels.mail_servers import DOVECOT
 from tests.channels.twilio_recorder import OUR_NUMBER
 from tests.conftest import base_env, ping_worker, stop_process
-from workers.ledger import LEDGER_KEY
-from workers.recovery import UNACKED_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -264,7 +264,7 @@ class Stack:
     def snapshot(self, end: bool = False) -> dict[str, Any]:
         """Memory of every process and of Redis; at the end also queue depths and the ledger."""
         shot: dict[str, Any] = {"rss": {n: s.rss() for n, s in self.services.items()}}
-        client = redis.Redis.from_url(self.env["GPT4P_REDIS_URL"], socket_timeout=5)
+        client = redis_client(self.env["GPT4P_REDIS_URL"], socket_timeout=5)
         try:
             memory = cast(dict[str, Any], client.info("memory"))
             shot["redis"] = {k: memory[k] for k in ("used_memory", "used_memory_human")}

@@ -24,8 +24,15 @@ from typing import Any, cast
 import redis
 
 from gpt4people.status import queue_depths
-from workers.ledger import LEDGER_KEY, MISSING_KEY, RESULT_KEY_PREFIX
-from workers.recovery import NODES_KEY, OWNERS_KEY, UNACKED_INDEX_KEY, UNACKED_KEY
+from kernel.keys import (
+    LEDGER_KEY,
+    LEDGER_MISSING_KEY,
+    RECOVERY_INSTANCES_KEY,
+    RECOVERY_OWNERS_KEY,
+    RESULT_KEY_PREFIX,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+)
 
 DELIVERY_SUFFIX = ".deliver"
 QUEUE_PAGE = 1000  # queued messages read per LRANGE, so a long backlog never blocks Redis
@@ -139,10 +146,11 @@ def locate_tasks(client: redis.Redis, task_ids: Iterable[str]) -> dict[str, Task
             entry = found.get(_correlation_id(raw) or "")
             if entry is not None:
                 entry.queued_in.append(queue)
-    raw_owners = cast(dict[bytes, bytes], client.hgetall(OWNERS_KEY))
+    raw_owners = cast(dict[bytes, bytes], client.hgetall(RECOVERY_OWNERS_KEY))
     owners = {tag.decode(errors="replace"): owner.decode(errors="replace")
               for tag, owner in raw_owners.items()}  # fmt: skip
-    beats = dict(cast(list[tuple[bytes, float]], client.zrange(NODES_KEY, 0, -1, withscores=True)))
+    instances = client.zrange(RECOVERY_INSTANCES_KEY, 0, -1, withscores=True)
+    beats = dict(cast(list[tuple[bytes, float]], instances))
     for raw_tag, raw in cast(dict[bytes, bytes], client.hgetall(UNACKED_KEY)).items():
         entry = found.get(_correlation_id(raw) or "")
         if entry is None:
@@ -162,7 +170,7 @@ def locate_tasks(client: redis.Redis, task_ids: Iterable[str]) -> dict[str, Task
         return found
     pipe = client.pipeline(transaction=False)
     pipe.hmget(LEDGER_KEY, ids)
-    pipe.hmget(MISSING_KEY, ids)
+    pipe.hmget(LEDGER_MISSING_KEY, ids)
     pipe.mget([RESULT_KEY_PREFIX + t for t in ids])
     ledger, missing, results = cast(list[list[bytes | None]], pipe.execute())
     for task_id, entry_raw, missing_raw, result_raw in zip(

@@ -1,30 +1,27 @@
 """Which helpers exist and which are alive, kept in Redis.
 
-A helper's description lives under ``gpt4p:helper:<name>``; each running
-instance refreshes its hostname's score in ``gpt4p:helper:<name>:live`` (a
-sorted set of last heartbeats). An instance is live while its last heartbeat
-is younger than the TTL, so a killed helper drops out by itself; a clean stop
-removes it at once.
+A helper's description lives under ``gpt4p:helper:<name>`` (`kernel.keys`);
+each running instance keeps its hostname alive in ``gpt4p:helper:<name>:live``
+(a `LiveSet`). An instance is live while its last heartbeat is younger than the
+TTL, so a killed helper drops out by itself; a clean stop removes it at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from dataclasses import dataclass
 from typing import cast
 
 import redis
 
 from kernel.contract import helper_queue
+from kernel.heartbeat import HeartbeatThread, LiveSet
 from kernel.helper_contract import HelperSpec
+from kernel.keys import HELPERS_INDEX_KEY, helper_key, helper_live_key
 
 log = logging.getLogger(__name__)
 
-PREFIX = "gpt4p:helper:"
-INDEX = "gpt4p:helpers"
 DEFAULT_TTL_S = 15.0
 
 
@@ -66,33 +63,29 @@ class HelperRegistry:
             "time_limit": str(helper.time_limit),
         }
         pipe = self.redis.pipeline()
-        pipe.hset(PREFIX + helper.name, mapping=description)
-        pipe.sadd(INDEX, helper.name)
+        pipe.hset(helper_key(helper.name), mapping=description)
+        pipe.sadd(HELPERS_INDEX_KEY, helper.name)
         pipe.execute()
         self.heartbeat(helper.name, hostname)
 
+    def instances(self, name: str) -> LiveSet:
+        """Helper `name`'s instances and their heartbeats."""
+        return LiveSet(self.redis, helper_live_key(name), self.ttl)
+
     def heartbeat(self, name: str, hostname: str) -> None:
         """Say that `hostname` still runs helper `name`."""
-        now = time.time()
-        pipe = self.redis.pipeline()
-        pipe.zadd(f"{PREFIX}{name}:live", {hostname: now})
-        pipe.zremrangebyscore(f"{PREFIX}{name}:live", 0, now - self.ttl)
-        pipe.execute()
+        self.instances(name).beat(hostname)
 
     def deregister(self, name: str, hostname: str) -> None:
         """Remove `hostname` from helper `name`'s live instances (a clean stop)."""
-        self.redis.zrem(f"{PREFIX}{name}:live", hostname)
+        self.instances(name).remove(hostname)
 
     def get(self, name: str) -> HelperInfo | None:
         """The helper called `name`, live or not; None when it never registered."""
-        raw = cast(dict[bytes, bytes], self.redis.hgetall(PREFIX + name))
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(helper_key(name)))
         if not raw:
             return None
         fields = {k.decode(): v.decode() for k, v in raw.items()}
-        since = time.time() - self.ttl
-        instances = cast(
-            list[bytes], self.redis.zrangebyscore(f"{PREFIX}{name}:live", since, "+inf")
-        )
         return HelperInfo(
             name=name,
             description=fields.get("description", ""),
@@ -101,12 +94,12 @@ class HelperRegistry:
             version=fields.get("version", ""),
             queue=fields.get("queue", helper_queue(name)),
             time_limit=float(fields.get("time_limit", "20")),
-            instances=tuple(sorted(i.decode() for i in instances)),
+            instances=tuple(self.instances(name).alive()),
         )
 
     def all(self) -> list[HelperInfo]:
         """Every registered helper, sorted by name."""
-        names = sorted(n.decode() for n in cast(set[bytes], self.redis.smembers(INDEX)))
+        names = sorted(n.decode() for n in cast(set[bytes], self.redis.smembers(HELPERS_INDEX_KEY)))
         return [info for name in names if (info := self.get(name)) is not None]
 
     def live(self) -> list[HelperInfo]:
@@ -121,24 +114,16 @@ class Heartbeat:
         self.registry = registry
         self.name = name
         self.hostname = hostname
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+        self._heartbeat = HeartbeatThread(
+            registry.instances(name), hostname, name=f"heartbeat-{name}", log=log,
+            failed="helper heartbeat failed ({error}); retrying",
+            not_removed=f"could not deregister helper {name}; it expires with its TTL",
+        )  # fmt: skip
 
     def start(self) -> None:
-        """Begin beating every third of the TTL."""
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.registry.ttl / 3):
-            try:
-                self.registry.heartbeat(self.name, self.hostname)
-            except redis.RedisError as error:
-                log.warning("helper heartbeat failed (%s); retrying", error.__class__.__name__)
+        """Beat now and every third of the TTL."""
+        self._heartbeat.start()
 
     def stop(self) -> None:
         """Stop beating and deregister this instance."""
-        self._stop.set()
-        try:
-            self.registry.deregister(self.name, self.hostname)
-        except redis.RedisError:
-            log.warning("could not deregister helper %s; it expires with its TTL", self.name)
+        self._heartbeat.stop()

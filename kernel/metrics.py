@@ -31,12 +31,15 @@ from redis.client import Pipeline
 
 from kernel.channels import delivered_channels
 from kernel.contract import INFERENCE_QUEUE
+from kernel.keys import (
+    METRICS_COUNTERS_KEY,
+    METRICS_GAUGES_KEY,
+    METRICS_HISTOGRAM_PREFIX,
+    METRICS_HISTOGRAMS_KEY,
+    METRICS_QUEUES_KEY,
+)
 
 log = logging.getLogger(__name__)
-
-PREFIX = "gpt4p:metrics:"
-COUNTERS, GAUGES, HISTOGRAMS = PREFIX + "counters", PREFIX + "gauges", PREFIX + "histograms"
-QUEUES = PREFIX + "queues"  # the index of queues whose depth a scrape reports
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -86,21 +89,21 @@ class Metrics:
 
     def count(self, name: str, labels: dict[str, str], amount: float = 1.0) -> None:
         """Add `amount` to a counter."""
-        self._write(lambda r: r.hincrbyfloat(COUNTERS, _field(name, labels), amount))
+        self._write(lambda r: r.hincrbyfloat(METRICS_COUNTERS_KEY, _field(name, labels), amount))
 
     def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
         """Set a gauge."""
-        self._write(lambda r: r.hset(GAUGES, _field(name, labels), str(value)))
+        self._write(lambda r: r.hset(METRICS_GAUGES_KEY, _field(name, labels), str(value)))
 
     def observe(
         self, name: str, labels: dict[str, str], value: float, buckets: Sequence[float]
     ) -> None:
         """Add one observation to a histogram."""
-        key = f"{PREFIX}h:{_field(name, labels)}"
+        key = METRICS_HISTOGRAM_PREFIX + _field(name, labels)
         bucket = next((str(b) for b in buckets if value <= b), "+Inf")
 
         def record(pipe: Pipeline) -> None:
-            pipe.sadd(HISTOGRAMS, key)
+            pipe.sadd(METRICS_HISTOGRAMS_KEY, key)
             pipe.hincrby(key, bucket, 1)
             pipe.hincrbyfloat(key, "sum", value)
             pipe.hincrby(key, "count", 1)
@@ -112,7 +115,7 @@ class Metrics:
         """Add queues to the index whose depths a scrape reports (idempotent, one SADD)."""
         names = sorted(set(names))
         if names:
-            self._write(lambda r: r.sadd(QUEUES, *names))
+            self._write(lambda r: r.sadd(METRICS_QUEUES_KEY, *names))
 
     def _write(self, commands: Callable[[Pipeline], object]) -> None:
         """Queue `commands` on the batch, or send them now in one transaction."""
@@ -138,8 +141,8 @@ class RedisCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families for one scrape."""
-        yield from self._families(COUNTERS, CounterMetricFamily)
-        yield from self._families(GAUGES, GaugeMetricFamily)
+        yield from self._families(METRICS_COUNTERS_KEY, CounterMetricFamily)
+        yield from self._families(METRICS_GAUGES_KEY, GaugeMetricFamily)
         yield from self._histograms()
         yield self._queue_depths()
 
@@ -157,10 +160,12 @@ class RedisCollector(Collector):
             yield family
 
     def _histograms(self) -> Iterator[Metric]:
-        keys = sorted(k.decode() for k in cast(set[bytes], self.redis.smembers(HISTOGRAMS)))
+        keys = sorted(
+            k.decode() for k in cast(set[bytes], self.redis.smembers(METRICS_HISTOGRAMS_KEY))
+        )
         grouped: dict[str, list[tuple[dict[str, str], dict[str, str]]]] = {}
         for key in keys:
-            name, labels = _parse(key[len(PREFIX) + 2 :])
+            name, labels = _parse(key.removeprefix(METRICS_HISTOGRAM_PREFIX))
             raw = cast(dict[bytes, bytes], self.redis.hgetall(key))
             grouped.setdefault(name, []).append(
                 (labels, {k.decode(): v.decode() for k, v in raw.items()})
@@ -189,7 +194,9 @@ class RedisCollector(Collector):
 def indexed_queue_depths(client: redis.Redis) -> dict[str, int]:
     """Jobs waiting in the queues every deployment has and in the indexed ones (no SCAN)."""
     fixed = {INFERENCE_QUEUE, *(c.delivery_queue for c in delivered_channels())}
-    names = sorted(fixed | {n.decode() for n in cast(set[bytes], client.smembers(QUEUES))})
+    names = sorted(
+        fixed | {n.decode() for n in cast(set[bytes], client.smembers(METRICS_QUEUES_KEY))}
+    )
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.llen(name)

@@ -26,13 +26,13 @@ from typing import Any, cast
 
 import redis
 
+from kernel.keys import REPLICATION_MARK_CHANNEL
 from kernel.metrics import Metrics
 from kernel.redis_urls import is_sentinel_url
 from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MARK_CHANNEL = "gpt4p:replication:mark"
 REPLICA_COUNT_TTL_S = 5.0
 UNPROTECTED_WARNING_EVERY_S = 60.0
 _SHARED: weakref.WeakKeyDictionary[redis.Redis, ReplicaWait] = weakref.WeakKeyDictionary()
@@ -114,7 +114,7 @@ class ReplicaWait:
                 self._accepted_unprotected()
             return not self.expect_replicas
         pipe = self.client.pipeline(transaction=False)  # one connection for both commands
-        pipe.publish(MARK_CHANNEL, "1")
+        pipe.publish(REPLICATION_MARK_CHANNEL, "1")
         pipe.execute_command("WAIT", wanted, max(1, int(self.timeout * 1000)))
         acknowledged = int(pipe.execute()[1])
         if acknowledged >= wanted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-STREAM_PREFIX = "gpt4p:stream:"
+from kernel.keys import STREAM_PREFIX
 
 
 def stream_channel(job_id: str) -> str:

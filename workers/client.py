@@ -28,15 +28,14 @@ from kernel.contract import (
     delivery_queue,
     delivery_task,
 )
+from kernel.keys import IDEMPOTENCY_PREFIX, LEDGER_KEY, RESULT_KEY_PREFIX
 from kernel.metrics import Metrics
 from kernel.redis_client import RedisUnavailableError, redis_client
 from kernel.redis_urls import redact_url
 from workers import ledger
-from workers.ledger import RESULT_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_PREFIX = "gpt4p:idem:"
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 RESULT_MAX_AGE_S = 24 * 3600  # celeryconfig.result_expires
 
@@ -118,9 +117,7 @@ def _claimed_but_never_queued(client: redis.Redis, job: Job, key: str, existing:
     age = IDEMPOTENCY_TTL_S - cast(int, client.ttl(key))
     if age > RESULT_MAX_AGE_S:
         return False
-    return not client.hexists(ledger.LEDGER_KEY, job.id) and not client.exists(
-        RESULT_KEY_PREFIX + job.id
-    )
+    return not client.hexists(LEDGER_KEY, job.id) and not client.exists(RESULT_KEY_PREFIX + job.id)
 
 
 def _release(client: redis.Redis, key: str) -> None:

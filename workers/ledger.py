@@ -26,7 +26,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any, cast
 
 import kombu.exceptions
@@ -35,17 +34,17 @@ import redis.exceptions
 from celery import Celery
 from celery.signals import task_postrun, task_revoked
 
+from kernel.keys import (
+    LEDGER_KEY,
+    LEDGER_LOCK_KEY,
+    LEDGER_MISSING_KEY,
+    RESULT_KEY_PREFIX,
+    UNACKED_KEY,
+    queue_keys,
+)
+
 log = logging.getLogger(__name__)
 
-LEDGER_KEY = "gpt4p:ledger"  # task id -> JSON {name, args, queue, at, resent}
-MISSING_KEY = "gpt4p:ledger:missing"  # task id -> when a sweep first found it nowhere
-LOCK_KEY = "gpt4p:ledger:sweep"
-UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
-# Celery's Redis result backend stores a task's result under this key and publishes it
-# on a channel of the same name; waiting on the channel answers without polling.
-RESULT_KEY_PREFIX = "celery-task-meta-"
-PRIORITY_SEPARATOR = "\x06\x16"  # kombu's queue name suffix for message priorities
-PRIORITY_STEPS = (3, 6, 9)
 FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 # A message lost three times is not lost by accident: stop and say so.
 MAX_RESENDS = 3
@@ -112,7 +111,7 @@ def expect(
              "resent": 0}  # fmt: skip
     pipe = client.pipeline(transaction=False)
     pipe.hset(LEDGER_KEY, task_id, json.dumps(entry))
-    pipe.hdel(MISSING_KEY, task_id)
+    pipe.hdel(LEDGER_MISSING_KEY, task_id)
     pipe.execute()
 
 
@@ -120,16 +119,8 @@ def strike(client: redis.Redis, task_id: str) -> None:
     """The task has run: forget it."""
     pipe = client.pipeline(transaction=False)
     pipe.hdel(LEDGER_KEY, task_id)
-    pipe.hdel(MISSING_KEY, task_id)
+    pipe.hdel(LEDGER_MISSING_KEY, task_id)
     pipe.execute()
-
-
-def _queue_keys(queues: Sequence[str]) -> list[str]:
-    keys = []
-    for queue in sorted(set(queues)):
-        keys.append(queue)
-        keys.extend(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)
-    return keys
 
 
 def is_outage(error: object) -> bool:
@@ -170,7 +161,7 @@ def sweep(
     sweeps at least `recheck` seconds apart found it nowhere. Only one process
     sweeps per `recheck` interval (a lock in Redis).
     """
-    if not client.set(LOCK_KEY, owner, nx=True, px=max(1, int(recheck * 1000))):
+    if not client.set(LEDGER_LOCK_KEY, owner, nx=True, px=max(1, int(recheck * 1000))):
         return []
     now = time.time()
     old: dict[str, dict[str, Any]] = {}
@@ -178,16 +169,17 @@ def sweep(
         entry = json.loads(raw_entry)
         if now - float(entry["at"]) >= grace:
             old[raw_id.decode()] = entry
-    raw_missing = cast(dict[bytes, bytes], client.hgetall(MISSING_KEY))
+    raw_missing = cast(dict[bytes, bytes], client.hgetall(LEDGER_MISSING_KEY))
     seen_missing = {k.decode(): float(v) for k, v in raw_missing.items()}
     missing: set[str] = set()
     if old:
-        keys = [*_queue_keys([e["queue"] for e in old.values()]), UNACKED_KEY]
+        queues = sorted({e["queue"] for e in old.values()})
+        keys = [*(key for queue in queues for key in queue_keys(queue)), UNACKED_KEY]
         found = client.eval(_FIND_MISSING, len(keys), *keys, *old)
         missing = {m.decode() if isinstance(m, bytes) else str(m) for m in cast(list[Any], found)}
     reappeared = [t for t in seen_missing if t not in missing]
     if reappeared:
-        client.hdel(MISSING_KEY, *reappeared)
+        client.hdel(LEDGER_MISSING_KEY, *reappeared)
     if not missing:
         return []
     done = finished(client, sorted(missing))
@@ -197,7 +189,7 @@ def sweep(
     for task_id in sorted(missing - done):
         first_missing = seen_missing.get(task_id)
         if first_missing is None:
-            client.hset(MISSING_KEY, task_id, str(now))
+            client.hset(LEDGER_MISSING_KEY, task_id, str(now))
         elif now - first_missing >= recheck and _resend(app, client, task_id, old[task_id]):
             resent.append(task_id)
     return resent
@@ -205,7 +197,7 @@ def sweep(
 
 def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any]) -> bool:
     if not client.hexists(LEDGER_KEY, task_id):  # it ran meanwhile
-        client.hdel(MISSING_KEY, task_id)
+        client.hdel(LEDGER_MISSING_KEY, task_id)
         return False
     if entry.get("resent", 0) >= MAX_RESENDS:
         log.error("task %s (%s) lost %d times; giving up on it", task_id, entry["name"],
@@ -214,7 +206,7 @@ def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any
         return False
     entry = dict(entry, at=time.time(), resent=entry.get("resent", 0) + 1)
     client.hset(LEDGER_KEY, task_id, json.dumps(entry))
-    client.hdel(MISSING_KEY, task_id)
+    client.hdel(LEDGER_MISSING_KEY, task_id)
     app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"])
     log.warning("task %s (%s) was lost from Redis; sent again", task_id, entry["name"])
     return True

@@ -34,10 +34,11 @@ from celery.signals import (
 )
 
 from answer.engines import Engine, batches, create_engine
-from answer.routing import RATE_PREFIX, HelperGateway
+from answer.routing import HelperGateway
 from kernel.contract import INFERENCE_QUEUE
 from kernel.helper_contract import HelperSpec
 from kernel.helper_registry import Heartbeat, HelperRegistry
+from kernel.keys import HELPER_RATE_PREFIX
 from kernel.metrics import Metrics
 from kernel.model_files import model_label
 from kernel.ratelimit import SenderRateLimit
@@ -85,7 +86,7 @@ class WorkerProcess:
         if self._gateway is None:
             settings = get_settings()
             registry = HelperRegistry(broker_redis(), ttl=settings.helper_ttl)
-            limit = SenderRateLimit(broker_redis(), RATE_PREFIX, settings.helper_rate_limit,
+            limit = SenderRateLimit(broker_redis(), HELPER_RATE_PREFIX, settings.helper_rate_limit,
                                     settings.helper_rate_window)  # fmt: skip
             self._gateway = HelperGateway(registry, limit)
         return self._gateway

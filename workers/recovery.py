@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any, cast
@@ -26,14 +25,15 @@ from typing import Any, cast
 import redis
 from celery import Celery
 
+from kernel.heartbeat import HeartbeatThread, LiveSet
+from kernel.keys import RECOVERY_INSTANCES_KEY, RECOVERY_OWNERS_KEY, UNACKED_INDEX_KEY, UNACKED_KEY
 from workers import ledger
 
 log = logging.getLogger(__name__)
 
-OWNERS_KEY = "gpt4p:recovery:owners"  # delivery tag -> instance
-NODES_KEY = "gpt4p:recovery:instances"  # sorted set: instance -> last heartbeat
-UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
-UNACKED_INDEX_KEY = "unacked_index"
+# A dead instance stays listed this many TTLs (not alive), so `status --job` can still
+# say how long ago the holder of a job last beat.
+FORGET_AFTER_TTLS = 10
 
 
 def instance_id(hostname: str) -> str:
@@ -43,7 +43,7 @@ def instance_id(hostname: str) -> str:
 
 def record_owner(client: redis.Redis, delivery_tag: str, instance: str) -> None:
     """Remember that `instance` holds the job with this delivery tag."""
-    client.hset(OWNERS_KEY, delivery_tag, instance)
+    client.hset(RECOVERY_OWNERS_KEY, delivery_tag, instance)
 
 
 def _stuck(client: redis.Redis, tag: str, stuck_after: float, now: float) -> bool:
@@ -66,28 +66,30 @@ def reap_once(app: Celery, client: redis.Redis, ttl: float, stuck_after: float =
     job its live worker can no longer acknowledge: Redis restarted while it ran.
     """
     now = time.time()
-    alive = {
-        m.decode() for m in cast(list[bytes], client.zrangebyscore(NODES_KEY, now - ttl, "+inf"))
-    }
-    owners = cast(dict[bytes, bytes], client.hgetall(OWNERS_KEY))
+    alive = set(_instances(client, ttl).alive())
+    owners = cast(dict[bytes, bytes], client.hgetall(RECOVERY_OWNERS_KEY))
     unacked = {t.decode() for t in cast(list[bytes], client.hkeys(UNACKED_KEY))}
     restored = _restore_orphans(app, client, unacked - {t.decode() for t in owners}, now - ttl)
     for raw_tag, raw_owner in owners.items():
         tag, owner = raw_tag.decode(), raw_owner.decode()
         if tag not in unacked:  # acknowledged (done) or already restored
-            client.hdel(OWNERS_KEY, tag)
+            client.hdel(RECOVERY_OWNERS_KEY, tag)
             continue
         if owner in alive and not _stuck(client, tag, stuck_after, now):
             continue
         with app.connection_for_write() as connection:
             connection.default_channel.qos.restore_by_tag(tag)
-        client.hdel(OWNERS_KEY, tag)
+        client.hdel(RECOVERY_OWNERS_KEY, tag)
         restored += 1
         # The holder died, or reconnected as a new instance (its old jobs could not be acked).
         log.warning("a job held by %s, which stopped heart-beating, returned to its queue "
                     "(delivery %s)", owner.split("#")[0], tag)  # fmt: skip
-    client.zremrangebyscore(NODES_KEY, 0, now - 10 * ttl)
     return restored
+
+
+def _instances(client: redis.Redis, ttl: float) -> LiveSet:
+    """The worker instances and their heartbeats."""
+    return LiveSet(client, RECOVERY_INSTANCES_KEY, ttl, forget_after=FORGET_AFTER_TTLS * ttl)
 
 
 def _restore_orphans(app: Celery, client: redis.Redis, tags: set[str], before: float) -> int:
@@ -117,18 +119,22 @@ class Recovery:
     def __init__(
         self, app: Celery, client: redis.Redis, instance: str, ttl: float, stuck_after: float
     ) -> None:
-        self.app, self.client, self.instance, self.ttl = app, client, instance, ttl
+        self.app, self.client, self.ttl = app, client, ttl
         self.stuck_after = stuck_after
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
+        self._heartbeat = HeartbeatThread(
+            _instances(client, ttl), instance, name="recovery", log=log, also=self._recover,
+            failed="recovery check failed ({error}); retrying",
+            not_removed="could not remove instance {member}; it expires",
+        )  # fmt: skip
+
+    @property
+    def instance(self) -> str:
+        """This run of the worker, as its heartbeat and job records name it."""
+        return self._heartbeat.member
 
     def start(self) -> None:
-        """Beat and reap now, then every third of the TTL."""
-        self._beat()
-        self._thread.start()
-
-    def _beat(self) -> None:
-        self.client.zadd(NODES_KEY, {self.instance: time.time()})
+        """Beat now, then beat and reap every third of the TTL."""
+        self._heartbeat.start()
 
     def renew(self) -> None:
         """Become a new instance: the consumer reconnected to Redis after losing it.
@@ -138,31 +144,21 @@ class Recovery:
         instance, which stops heart-beating, so within the TTL they are returned to
         their queues. One still running here is then run twice: answered once.
         """
-        old, self.instance = self.instance, instance_id(self.instance.split("#")[0])
-        self._beat()
+        old = self.instance
+        self._heartbeat.rename(instance_id(old.split("#")[0]))
         log.info("reconnected to Redis: jobs held before go back to their queues within %gs",
                  self.ttl)  # fmt: skip
         log.debug("instance %s replaced by %s", old, self.instance)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self._beat()
-                reap_once(self.app, self.client, self.ttl, self.stuck_after)
-                # Jobs lost from Redis altogether (popped in the instant of a crash).
-                ledger.sweep(self.app, self.client, grace=2 * self.ttl, recheck=self.ttl / 2,
-                             owner=self.instance)  # fmt: skip
-            except Exception as error:  # noqa: BLE001 - this thread must outlive any failure
-                # (kombu raises its own OperationalError while Redis is away)
-                log.warning("recovery check failed (%s); retrying", error.__class__.__name__)
+    def _recover(self) -> None:
+        reap_once(self.app, self.client, self.ttl, self.stuck_after)
+        # Jobs lost from Redis altogether (popped in the instant of a crash).
+        ledger.sweep(self.app, self.client, grace=2 * self.ttl, recheck=self.ttl / 2,
+                     owner=self.instance)  # fmt: skip
 
     def stop(self) -> None:
         """Stop; a clean stop removes this instance (its jobs were requeued by Celery)."""
-        self._stop.set()
-        try:
-            self.client.zrem(NODES_KEY, self.instance)
-        except redis.RedisError:
-            log.warning("could not remove instance %s; it expires", self.instance)
+        self._heartbeat.stop()
 
 
 def delivery_tag(request: Any) -> str | None:

@@ -24,12 +24,12 @@ from channels.http.openai_schema import (
     error_body,
 )
 from kernel.contract import INFERENCE_QUEUE, Job, Reply, model_queue
+from kernel.keys import IDEMPOTENCY_PREFIX
 from kernel.model_files import model_label
 from kernel.redis_client import RedisUnavailableError
 from kernel.settings import Settings
 from kernel.streaming import decode_event, stream_channel
 from workers.client import (
-    IDEMPOTENCY_PREFIX,
     IDEMPOTENCY_TTL_S,
     JobFailedError,
     JobTimeoutError,

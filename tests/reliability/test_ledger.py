@@ -24,6 +24,16 @@ from celery.signals import task_postrun
 
 from gpt4people.redis_server import RedisServer
 from kernel.contract import INFERENCE_QUEUE, INFERENCE_TASK, ChatMessage, Job
+from kernel.keys import (
+    IDEMPOTENCY_PREFIX,
+    LEDGER_KEY,
+    LEDGER_LOCK_KEY,
+    LEDGER_MISSING_KEY,
+    RECOVERY_INSTANCES_KEY,
+    RESULT_KEY_PREFIX,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+)
 from kernel.settings import Settings
 from tests.conftest import (
     base_env,
@@ -35,8 +45,8 @@ from tests.conftest import (
 )
 from workers import ledger
 from workers.app import celery_for
-from workers.client import IDEMPOTENCY_PREFIX, IDEMPOTENCY_TTL_S, RESULT_KEY_PREFIX, submit
-from workers.recovery import NODES_KEY, UNACKED_INDEX_KEY, reap_once, record_owner
+from workers.client import IDEMPOTENCY_TTL_S, submit
+from workers.recovery import reap_once, record_owner
 
 DB_LEDGER = 12
 
@@ -93,7 +103,7 @@ def test_a_job_lost_from_redis_is_sent_again_once_with_its_id(
     resent = wait_for(lambda: ledger.sweep(app, client, grace=0, recheck=0.2), 5, "a resend")
     assert resent == [job_id]
     assert queued_ids(client) == [job_id]
-    client.delete(ledger.LOCK_KEY)  # the next sweep, without waiting out the lock
+    client.delete(LEDGER_LOCK_KEY)  # the next sweep, without waiting out the lock
     assert ledger.sweep(app, client, grace=0, recheck=0.0) == []  # queued now: left alone
     assert queued_ids(client) == [job_id]
 
@@ -106,14 +116,14 @@ def test_queued_and_held_jobs_are_never_sent_twice(app: Celery, client: redis.Re
         assert message is not None
         assert message.properties["correlation_id"] == held
         assert queued_ids(client) == [waiting]
-        assert client.hlen(ledger.UNACKED_KEY) == 1
+        assert client.hlen(UNACKED_KEY) == 1
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # many sweeps, far past the recheck interval
             assert ledger.sweep(app, client, grace=0, recheck=0.05) == []
         assert queued_ids(client) == [waiting]
-        assert client.hlen(ledger.UNACKED_KEY) == 1
-        assert client.hlen(ledger.MISSING_KEY) == 0
-        assert {k.decode() for k in client.hkeys(ledger.LEDGER_KEY)} == {waiting, held}
+        assert client.hlen(UNACKED_KEY) == 1
+        assert client.hlen(LEDGER_MISSING_KEY) == 0
+        assert {k.decode() for k in client.hkeys(LEDGER_KEY)} == {waiting, held}
 
 
 def test_a_job_taken_in_the_instant_of_a_crash_and_held_by_no_worker_is_requeued(
@@ -131,13 +141,13 @@ def test_a_job_taken_in_the_instant_of_a_crash_and_held_by_no_worker_is_requeued
             assert message is not None
             tags[message.properties["correlation_id"]] = str(message.delivery_tag)
         record_owner(client, tags[held], "live@host#1")
-        client.zadd(NODES_KEY, {"live@host#1": time.time()})
+        client.zadd(RECOVERY_INSTANCES_KEY, {"live@host#1": time.time()})
         assert reap_once(app, client, ttl=5) == 0  # just taken: its worker may be recording it
         long_ago = time.time() - 6
         client.zadd(UNACKED_INDEX_KEY, {tags[orphan]: long_ago, tags[held]: long_ago})
         assert reap_once(app, client, ttl=5) == 1
         assert queued_ids(client) == [orphan]
-        assert {k.decode() for k in client.hkeys(ledger.UNACKED_KEY)} == {tags[held]}
+        assert {k.decode() for k in client.hkeys(UNACKED_KEY)} == {tags[held]}
 
 
 def test_a_job_that_already_has_its_answer_is_struck_not_sent_again(
@@ -147,7 +157,7 @@ def test_a_job_that_already_has_its_answer_is_struck_not_sent_again(
     lose(client)
     client.set(RESULT_KEY_PREFIX + job_id, json.dumps({"status": "SUCCESS", "result": {}}))
     assert ledger.sweep(app, client, grace=0, recheck=0.0) == []
-    assert client.hlen(ledger.LEDGER_KEY) == 0
+    assert client.hlen(LEDGER_KEY) == 0
     assert client.llen(INFERENCE_QUEUE) == 0
 
 
@@ -163,7 +173,7 @@ def test_a_job_that_failed_on_a_redis_outage_is_sent_again_not_struck(
                            (own_fault, ValueError("a bug in the job"))):  # fmt: skip
         task_postrun.send(sender=None, task_id=task_id, state="FAILURE", retval=error)
         app.backend.mark_as_failure(task_id, error)
-    assert {k.decode() for k in client.hkeys(ledger.LEDGER_KEY)} == {outage}
+    assert {k.decode() for k in client.hkeys(LEDGER_KEY)} == {outage}
     assert ledger.sweep(app, client, grace=0, recheck=0.1) == []
     resent = wait_for(lambda: ledger.sweep(app, client, grace=0, recheck=0.1), 5, "a resend")
     assert resent == [outage]
@@ -175,7 +185,7 @@ def test_young_entries_are_not_examined(app: Celery, client: redis.Redis) -> Non
     lose(client)
     for _ in range(3):
         assert ledger.sweep(app, client, grace=60, recheck=0.0) == []
-    assert client.hlen(ledger.MISSING_KEY) == 0
+    assert client.hlen(LEDGER_MISSING_KEY) == 0
 
 
 def test_a_job_lost_again_and_again_is_given_up_loudly(
@@ -187,12 +197,12 @@ def test_a_job_lost_again_and_again_is_given_up_loudly(
         for _ in range(4 * (ledger.MAX_RESENDS + 1)):
             if client.llen(INFERENCE_QUEUE):
                 lose(client)
-            client.delete(ledger.LOCK_KEY)  # each sweep runs, however fast the loop
+            client.delete(LEDGER_LOCK_KEY)  # each sweep runs, however fast the loop
             resends += len(ledger.sweep(app, client, grace=0, recheck=0.0))
-            if not client.hexists(ledger.LEDGER_KEY, job_id):
+            if not client.hexists(LEDGER_KEY, job_id):
                 break
     assert resends == ledger.MAX_RESENDS
-    assert not client.hexists(ledger.LEDGER_KEY, job_id)
+    assert not client.hexists(LEDGER_KEY, job_id)
     assert "giving up" in caplog.text
 
 
@@ -238,4 +248,4 @@ def test_a_worker_answers_a_job_that_redis_lost(
     finally:
         stop_process(worker)
     assert meta["result"]["text"] == "are you there?"
-    assert client.hlen(ledger.LEDGER_KEY) == 0
+    assert client.hlen(LEDGER_KEY) == 0

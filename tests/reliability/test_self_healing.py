@@ -21,6 +21,7 @@ from celery import Celery
 
 from gpt4people.redis_server import RedisServer
 from kernel.contract import ChatMessage, GenerationOptions, Job, Reply, helper_queue, helper_task
+from kernel.keys import RECOVERY_OWNERS_KEY, UNACKED_KEY
 from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
 from tests.conftest import ROOT, base_env, start_worker, stop_process, wait_for
@@ -28,7 +29,6 @@ from tests.reliability.test_chaos import MODEL_THREADS
 from tests.reliability.whereabouts import Witness
 from workers.app import celery_for
 from workers.client import enqueue_delivery, submit, wait_for_reply
-from workers.recovery import OWNERS_KEY, UNACKED_KEY
 
 # Beyond pytest's 300 s default: the test's own deadlines must be the ones that fire, so
 # that a failure prints where every job was.
@@ -69,7 +69,7 @@ def sms_reply(job_id: str, number: str, text: str) -> Reply:
 def holders(client: redis.Redis) -> set[str]:
     """Hostnames of the workers holding a job now (the owners of unacknowledged messages)."""
     held = {tag.decode() for tag in client.hkeys(UNACKED_KEY)}
-    owners = client.hgetall(OWNERS_KEY)
+    owners = client.hgetall(RECOVERY_OWNERS_KEY)
     return {owner.decode().split("#")[0] for tag, owner in owners.items() if tag.decode() in held}
 
 

@@ -38,6 +38,7 @@ from channels.email.parse import UnreadableMailError, read_mail
 from channels.email.poller import HANDLED, SET_ASIDE, MailboxPoller
 from gpt4people.redis_server import RedisServer
 from kernel.contract import Reply
+from kernel.keys import RESULT_KEY_PREFIX
 from kernel.settings import Settings
 from tests.channels.conftest import EMAIL_FROM, running_email_stack
 from tests.channels.mail_servers import Dovecot, SmtpCapture
@@ -45,7 +46,6 @@ from tests.channels.test_email import answers, body_of, mail
 from tests.conftest import base_env, redis_url, wait_for
 from tests.security.conftest import DB_SEC_EMAIL
 from workers.app import celery_for
-from workers.client import RESULT_KEY_PREFIX
 
 FOLDER = "SecurityEmail"
 STRICT_FOLDER = "SecurityEmailStrict"

@@ -33,6 +33,7 @@ from gpt4people.redis_server import RedisServer, free_port
 from helpers.sdk import HelperResult, helper
 from kernel.contract import ChatMessage, Job, MediaRef, Reply
 from kernel.helper_registry import Heartbeat, HelperRegistry
+from kernel.keys import LEDGER_KEY, RESULT_KEY_PREFIX, UNACKED_KEY
 from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
 from tests.conftest import (
     ROOT,
@@ -49,9 +50,8 @@ from tests.conftest import (
 from tests.helpers.conftest import start_helper
 from tests.security.abusive_helpers import CRASH_RUNS_KEY, LATCH_PREFIX
 from tests.security.conftest import DB_SEC_HELPERS
-from workers import ledger
 from workers.app import celery_for
-from workers.client import RESULT_KEY_PREFIX, enqueue_delivery, submit, wait_for_reply
+from workers.client import enqueue_delivery, submit, wait_for_reply
 
 HELPERS = {
     "calc": "calc", "image": "image", "time": "time",
@@ -184,7 +184,7 @@ def answered(client: redis.Redis, job_id: str) -> bool:
 
 def helper_running(client: redis.Redis, name: str) -> bool:
     """Whether a helper worker holds a call of helper `name` (taken, not yet acknowledged)."""
-    held = cast(list[bytes], client.hvals(ledger.UNACKED_KEY))
+    held = cast(list[bytes], client.hvals(UNACKED_KEY))
     return any(json.loads(raw)[2] == f"helper.{name}" for raw in held)
 
 
@@ -242,7 +242,7 @@ def test_the_only_inference_slot_answers_others_while_a_helper_runs(
     client.rpush(latch, "go")
     assert wait_for_reply(app, waiting.id, 90).text == reply
     # Answered once and struck from the ledger: recovery has nothing to replay.
-    wait_for(lambda: not client.hexists(ledger.LEDGER_KEY, waiting.id), 10, "the ledger entry")
+    wait_for(lambda: not client.hexists(LEDGER_KEY, waiting.id), 10, "the ledger entry")
 
 
 @pytest.mark.parametrize(
@@ -259,7 +259,7 @@ def test_a_helper_that_fails_in_any_way_gets_one_polite_reply(
     crashes = int(client.get(CRASH_RUNS_KEY) or 0)
     failing = job(f"/{name} now", user=f"victim-of-{name}")
     assert ask(app, failing) == reply
-    wait_for(lambda: not client.hexists(ledger.LEDGER_KEY, failing.id), 10, "the ledger entry")
+    wait_for(lambda: not client.hexists(LEDGER_KEY, failing.id), 10, "the ledger entry")
     if name == "crash":  # killed, not requeued to kill every process it reaches
         assert int(client.get(CRASH_RUNS_KEY) or 0) == crashes + 1
 
@@ -274,11 +274,9 @@ def settled(client: redis.Redis, job_id: str) -> bool:
     """Nothing of the job is left to run: no message naming it (a continuation, a delivery)
     queued or held by a worker, and nothing of it in the ledger."""
     queued = [*client.lrange("inference", 0, -1), *client.lrange("deliver.sms", 0, -1)]
-    held = cast(list[bytes], [*queued, *client.hvals(ledger.UNACKED_KEY)])
+    held = cast(list[bytes], [*queued, *client.hvals(UNACKED_KEY)])
     pending = any(job_id.encode() in raw for raw in held)
-    entries = client.hexists(ledger.LEDGER_KEY, job_id) or client.hexists(
-        ledger.LEDGER_KEY, f"{job_id}.deliver"
-    )
+    entries = client.hexists(LEDGER_KEY, job_id) or client.hexists(LEDGER_KEY, f"{job_id}.deliver")
     return not pending and not entries
 
 
@@ -338,7 +336,7 @@ def test_a_helper_call_lost_from_redis_is_still_answered(
         submit(app, the_job)
         wait_for(lambda: client.lpop("helper.lost"), 30, "the helper call to be lost")
         assert wait_for_reply(app, the_job.id, 90).text == "Sorry, the lost helper took too long."
-        wait_for(lambda: not client.hexists(ledger.LEDGER_KEY, the_job.id), 10, "the entry")
+        wait_for(lambda: not client.hexists(LEDGER_KEY, the_job.id), 10, "the entry")
     finally:
         beat.stop()
 

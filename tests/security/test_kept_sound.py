@@ -438,8 +438,8 @@ def test_a_pickled_job_on_the_queue_is_never_loaded(
 
 # --- No shell ---------------------------------------------------------------------------------
 
-PRODUCT = [*(ROOT / p for p in ("kernel", "answer", "workers", "channels", "helpers", "gpt4people")),
-           ROOT / "celeryconfig.py"]  # fmt: skip
+PACKAGES = ("kernel", "answer", "workers", "channels", "helpers", "gpt4people")
+PRODUCT = [*(ROOT / package for package in PACKAGES), ROOT / "celeryconfig.py"]
 SHELL_CALLS = frozenset({
     "os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
     "asyncio.create_subprocess_shell", "pty.spawn", "platform.popen",

@@ -10,10 +10,9 @@ import redis
 
 from gpt4people.redis_server import RedisServer
 from gpt4people.whereabouts import QUEUE_PAGE, locate_jobs
+from kernel.keys import LEDGER_KEY, LEDGER_MISSING_KEY, RESULT_KEY_PREFIX, UNACKED_KEY
 from kernel.redis_client import redis_client
 from tests.conftest import redis_url
-from workers.ledger import LEDGER_KEY, MISSING_KEY, RESULT_KEY_PREFIX
-from workers.recovery import UNACKED_KEY
 
 DB_WHEREABOUTS = 13
 
@@ -47,7 +46,7 @@ def test_junk_in_redis_is_skipped_not_a_traceback(client: redis.Redis) -> None:
     client.hset(UNACKED_KEY, mapping={b"\xff": json.dumps([{"properties": [1]}]),
                                       "tag-2": json.dumps([]), "tag-3": "{"})  # fmt: skip
     client.hset(LEDGER_KEY, mapping={"job-1": "not json", "job-2": json.dumps({"at": "x"})})
-    client.hset(MISSING_KEY, "job-2", "yesterday")
+    client.hset(LEDGER_MISSING_KEY, "job-2", "yesterday")
     client.set(RESULT_KEY_PREFIX + "job-1", json.dumps(["not", "a", "dict"]))
     client.set(RESULT_KEY_PREFIX + "job-2", b"\x00\x01")
     found = locate_jobs(client, ["job-1", "job-2"])
