@@ -32,7 +32,6 @@ import kombu.exceptions
 import redis
 import redis.exceptions
 from celery import Celery
-from celery.signals import task_postrun, task_revoked
 
 from kernel.keys import (
     LEDGER_KEY,
@@ -212,16 +211,9 @@ def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any
     return True
 
 
-def _client() -> redis.Redis:
-    from workers.app import broker_redis
-
-    return broker_redis()
-
-
-@task_postrun.connect
-def _strike_finished(
-    task_id: str, state: str | None = None, retval: object = None, **_: object
-) -> None:
+def settle(client: redis.Redis, task_id: str, state: str | None, retval: object = None) -> None:
+    """Strike a task that has run to its end (or was revoked: `state` REVOKED) off the
+    ledger; keep one that failed on a Redis outage, so that the sweep sends it again."""
     # RETRY leaves the entry: the retry is the same task id, queued again.
     if state == "FAILURE" and is_outage(retval):
         # E.g. a job answered while Redis restarted could not hand its reply on: its
@@ -230,17 +222,7 @@ def _strike_finished(
         return
     if state in FINAL_STATES:
         try:
-            strike(_client(), task_id)
+            strike(client, task_id)
         except redis.RedisError as error:
             # The sweep finds its result and strikes it then.
-            log.warning("ledger entry of %s kept (%s)", task_id, error.__class__.__name__)
-
-
-@task_revoked.connect
-def _strike_revoked(request: Any, **_: object) -> None:
-    task_id = getattr(request, "id", None)
-    if task_id:
-        try:
-            strike(_client(), task_id)
-        except redis.RedisError as error:
             log.warning("ledger entry of %s kept (%s)", task_id, error.__class__.__name__)

@@ -7,9 +7,9 @@ process holds for its whole life (its engine, helper gateway, recovery and heart
 is one object, `this_process`.
 
 Every worker (inference, delivery, helper) loads this module with its tasks
-(celeryconfig ``imports``): each indexes its queues and runs recovery; only an
-inference worker loads the engine and announces itself for readiness; a helper worker
-adds the registration of its helper (`helpers.worker`).
+(celeryconfig ``imports``): each indexes its queues, runs recovery and strikes its finished
+tasks off the ledger; only an inference worker loads the engine and announces itself
+for readiness; a helper worker adds the registration of its helper (`helpers.worker`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any
 import redis
 from celery import bootsteps
 from celery.signals import (
+    task_postrun,
     task_received,
+    task_revoked,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -43,6 +45,7 @@ from kernel.metrics import Metrics
 from kernel.model_files import model_label
 from kernel.ratelimit import SenderRateLimit
 from kernel.settings import get_settings
+from workers import ledger
 from workers.app import app, broker_redis
 from workers.commandline import is_inference_worker
 from workers.liveness import WorkerHeartbeat
@@ -107,6 +110,14 @@ class WorkerConcern:
 
     def task_received(self, process: WorkerProcess, request: Any) -> None:
         """For each job the worker takes from its queues, before it runs."""
+
+    def task_finished(self, process: WorkerProcess, task_id: str, state: str | None,
+                      retval: object) -> None:  # fmt: skip
+        """After each task has run (``task_postrun``), in the process that ran it: `state` is
+        its final state (or RETRY), `retval` its result or exception."""
+
+    def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
+        """When a task is revoked (``task_revoked``) instead of run."""
 
     def worker_stopping(self, process: WorkerProcess) -> None:
         """When the worker shuts down (``worker_shutdown``)."""
@@ -190,6 +201,18 @@ class JobRecovery(WorkerConcern):
             process.recovery.stop()
 
 
+class JobLedger(WorkerConcern):
+    """A task that ran to its end, or was revoked, is struck off the ledger of sent tasks
+    (`workers.ledger`), whose sweep re-sends the ones Redis lost."""
+
+    def task_finished(self, process: WorkerProcess, task_id: str, state: str | None,
+                      retval: object) -> None:  # fmt: skip
+        ledger.settle(broker_redis(), task_id, state, retval)
+
+    def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
+        ledger.settle(broker_redis(), task_id, "REVOKED")
+
+
 class InferenceLiveness(WorkerConcern):
     """A worker that answers jobs says it is alive, and which model it serves, for /readyz
     and `status` (helpers and deliverers do not count). Listed after `EngineLoading`, so a
@@ -229,7 +252,13 @@ class HelperRegistration(WorkerConcern):
 this_process = WorkerProcess()
 
 # The concerns of every worker, in the order they start; they stop in reverse.
-CONCERNS: list[WorkerConcern] = [QueueIndex(), EngineLoading(), JobRecovery(), InferenceLiveness()]
+CONCERNS: list[WorkerConcern] = [
+    QueueIndex(),
+    EngineLoading(),
+    JobRecovery(),
+    JobLedger(),
+    InferenceLiveness(),
+]
 
 
 def add_concern(concern: WorkerConcern) -> None:
@@ -261,6 +290,20 @@ def _worker_ready(sender: Any, **_: object) -> None:
 @task_received.connect
 def _task_received(request: Any, **_: object) -> None:
     _run("job received", lambda c: c.task_received(this_process, request), CONCERNS)
+
+
+@task_postrun.connect
+def _task_finished(task_id: str, state: str | None = None, retval: object = None,
+                   **_: object) -> None:  # fmt: skip
+    _run("job finished", lambda c: c.task_finished(this_process, task_id, state, retval),
+         CONCERNS)  # fmt: skip
+
+
+@task_revoked.connect
+def _task_revoked(request: Any, **_: object) -> None:
+    task_id = getattr(request, "id", None)
+    if task_id:
+        _run("job revoked", lambda c: c.task_revoked(this_process, task_id), CONCERNS)
 
 
 @worker_shutdown.connect

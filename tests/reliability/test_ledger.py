@@ -164,7 +164,9 @@ def test_a_job_that_already_has_its_answer_is_struck_not_sent_again(
 def test_a_job_that_failed_on_a_redis_outage_is_sent_again_not_struck(
     app: Celery, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ledger, "_client", lambda: client)  # the worker's broker: this DB
+    from workers import lifecycle  # connects the worker's receivers, the ledger's among them
+
+    monkeypatch.setattr(lifecycle, "broker_redis", lambda: client)  # the worker's broker
     # A worker answered while Redis restarted and could not hand its reply on: the
     # task failed with a connection error and its message was acknowledged.
     outage, own_fault = send(app, client, job("a")), send(app, client, job("b"))
