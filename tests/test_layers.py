@@ -76,14 +76,11 @@ def test_the_readme_helper_example_works_as_a_standalone_module_with_its_own_tes
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "shout.py").write_text(example.group(1))
-    # The author's own unit test, importing their module first (before anything of ours).
-    (tmp_path / "test_shout.py").write_text(
-        "from mypackage.shout import shout\n"
-        "from helpers.sdk import HelperRequest\n\n\n"
-        "def test_shout():\n"
-        "    assert shout.run(HelperRequest(text='hello')).text == 'HELLO'\n"
-        "    assert shout.name == 'shout'\n"
-    )
+    # The author's own unit test, as README shows it: it imports their module first.
+    own_test = re.search(r"```python\n(from mypackage\.shout import shout\n.*?)```", readme,
+                         re.DOTALL)  # fmt: skip
+    assert own_test is not None, "README lost the helper's own unit test"
+    (tmp_path / "test_shout.py").write_text(own_test.group(1))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_shout.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
