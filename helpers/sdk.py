@@ -17,14 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kernel.contract import HARD_LIMIT_MARGIN_S, MediaRef
 from kernel.helper_contract import (
     MAX_REQUEST_CHARS,
     NAME_PATTERN,
     HelperError,
     HelperRequest,
     HelperResult,
-    HelperSpec,
 )
+from kernel.media import MediaRefusedError, fetch_media
 
 __all__ = [
     "MAX_REQUEST_CHARS",
@@ -33,6 +34,9 @@ __all__ = [
     "HelperError",
     "HelperRequest",
     "HelperResult",
+    "MediaRef",
+    "MediaRefusedError",
+    "fetch_media",
     "helper",
 ]
 
@@ -40,10 +44,29 @@ Handler = Callable[[HelperRequest], HelperResult]
 
 
 @dataclass(frozen=True)
-class Helper(HelperSpec):
-    """A declared helper: its public description and its handler."""
+class Helper:
+    """A declared helper: its public description (a `kernel.helper_contract.HelperSpec`)
+    and its handler."""
 
-    handler: Handler = field(kw_only=True)
+    name: str
+    description: str
+    handler: Handler
+    capabilities: tuple[str, ...] = ()
+    accepts: tuple[str, ...] = field(default_factory=tuple)
+    version: str = "1"
+    time_limit: float = 20.0
+    max_input_chars: int = 2000
+
+    @property
+    def hard_time_limit(self) -> float:
+        """Seconds after which the helper's process is killed, if it ignored its time limit."""
+        return self.time_limit + HARD_LIMIT_MARGIN_S
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise ValueError(f"helper name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if not 0 < self.time_limit <= 600:
+            raise ValueError("time_limit must be between 0 and 600 seconds")
 
     def run(self, request: HelperRequest) -> HelperResult:
         """Check the request against this helper's limits, then handle it."""

@@ -8,11 +8,11 @@ registry use them without importing any helper.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kernel.contract import HARD_LIMIT_MARGIN_S, MediaRef
+from kernel.contract import MediaRef
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # The longest text a helper call carries; each helper has its own, lower limit
@@ -47,25 +47,19 @@ class HelperResult(BaseModel):
     image_type: str | None = None
 
 
-@dataclass(frozen=True)
-class HelperSpec:
-    """A helper's public description: what the registry publishes and the core routes by."""
-
-    name: str
-    description: str
-    capabilities: tuple[str, ...] = ()
-    accepts: tuple[str, ...] = ()
-    version: str = "1"
-    time_limit: float = 20.0
-    max_input_chars: int = 2000
+class HelperSpec(Protocol):
+    """A helper's public description, as the registry publishes it and the core routes by
+    (`helpers.sdk.Helper` is one)."""
 
     @property
-    def hard_time_limit(self) -> float:
-        """Seconds after which the helper's process is killed, if it ignored its time limit."""
-        return self.time_limit + HARD_LIMIT_MARGIN_S
-
-    def __post_init__(self) -> None:
-        if not NAME_PATTERN.match(self.name):
-            raise ValueError(f"helper name {self.name!r} must match {NAME_PATTERN.pattern}")
-        if not 0 < self.time_limit <= 600:
-            raise ValueError("time_limit must be between 0 and 600 seconds")
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def capabilities(self) -> tuple[str, ...]: ...
+    @property
+    def accepts(self) -> tuple[str, ...]: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def time_limit(self) -> float: ...

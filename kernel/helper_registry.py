@@ -76,10 +76,6 @@ class HelperRegistry:
         """Say that `hostname` still runs helper `name`."""
         self.instances(name).beat(hostname)
 
-    def deregister(self, name: str, hostname: str) -> None:
-        """Remove `hostname` from helper `name`'s live instances (a clean stop)."""
-        self.instances(name).remove(hostname)
-
     def get(self, name: str) -> HelperInfo | None:
         """The helper called `name`, live or not; None when it never registered."""
         raw = cast(dict[bytes, bytes], self.redis.hgetall(helper_key(name)))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
+from typing import TYPE_CHECKING
 
 from kernel.contract import MediaRef
-from kernel.settings import Settings
+
+if TYPE_CHECKING:  # the helper SDK re-exports this module: it stays light to import
+    from kernel.settings import Settings
 
 ALLOWED_MEDIA_TYPES = frozenset(
     {"image/jpeg", "image/png", "image/gif", "image/webp", "image/heic", "text/plain",
@@ -19,6 +21,8 @@ class MediaRefusedError(ValueError):
 
 def fetch_media(ref: MediaRef, settings: Settings) -> bytes:
     """Download one MMS attachment from Twilio, refusing disallowed types and oversized files."""
+    import httpx  # here, not at the top: importing the helper SDK must not load an HTTP client
+
     declared = ref.content_type.split(";")[0].strip().lower()
     if declared not in ALLOWED_MEDIA_TYPES:
         raise MediaRefusedError(f"media type {declared or 'unknown'} is not accepted")

@@ -96,3 +96,17 @@ def test_the_contract_and_the_sdk_stay_light(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, check=True)  # fmt: skip
     assert int(result.stdout) < 300
+
+
+def test_the_sdk_keeps_the_names_helper_authors_used() -> None:
+    # A helper declared without the decorator, and the MMS media fetch at its old place.
+    code = (
+        "from helpers.sdk import Helper, HelperRequest, HelperResult, fetch_media\n"
+        "from channels.sms_media import fetch_media as old_place\n"
+        "shout = Helper('shout', 'Shouts.', lambda r: HelperResult(text=r.text.upper()))\n"
+        "assert shout.run(HelperRequest(text='hi')).text == 'HI'\n"
+        "assert old_place is fetch_media\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
