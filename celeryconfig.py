@@ -33,7 +33,11 @@ task_routes = {
 }
 # Every worker has the same lifecycle (workers.lifecycle) and knows the delivery tasks;
 # which queues it consumes decides what it runs.
-imports = ("workers.lifecycle", "workers.tasks", "channels.sms.delivery", "channels.email.delivery")
+imports = (
+    "workers.lifecycle",
+    "workers.tasks",
+    *(f"channels.{c.name}.delivery" for c in delivered_channels()),
+)
 
 # Acknowledge after the answer exists, not on receipt: a worker that dies
 # mid-generation leaves the job in Redis for another worker instead of losing it.

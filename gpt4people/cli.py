@@ -358,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         "deliver", help="send replies out (SMS, email) from the deliver.* queues"
     )
     delivered = [c.name for c in delivered_channels()]
-    deliver.add_argument("--channels", nargs="+", default=delivered, choices=delivered,
-                         help="channels to deliver for (default: all)")  # fmt: skip
+    deliver.add_argument(
+        "--channels", nargs="+", default=delivered, choices=delivered,
+        help=f"channels to deliver for (default: {' '.join(delivered)})",
+    )  # fmt: skip
     deliver.add_argument("--hostname", help="Celery node name (default deliver@%%h)")
     deliver.add_argument("--concurrency", type=int, default=4, help="sending processes")
     deliver.set_defaults(handler=_cmd_deliver)

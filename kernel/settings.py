@@ -210,7 +210,8 @@ class Settings(BaseSettings):
     )
     worker_heartbeat_ttl: float = Field(
         15.0, ge=1, le=3600,
-        description="Seconds without a heartbeat after which a worker's jobs are requeued.",
+        description="Seconds without a heartbeat after which a worker's jobs are requeued and "
+        "an inference worker no longer counts for /readyz (set the same in every process).",
     )  # fmt: skip
     worker_concurrency: int = Field(
         1, ge=1, le=256, description="Inference processes per worker (each loads the model)."

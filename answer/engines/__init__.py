@@ -20,7 +20,7 @@ class PromptTooLongError(ValueError):
     """The conversation does not fit the model's context window, even cut to its last turn."""
 
 
-class GenerationTimeLimitError(TimeoutError):
+class GenerationTimeLimitError(RuntimeError):
     """The generation ran past its time limit (GPT4P_TASK_SOFT_TIME_LIMIT); the text
     produced so far has already gone to the caller's `on_text`."""
 

@@ -130,7 +130,7 @@ class EmailChannel:
                 "sender_name": inbound.sender_name,
                 "date": inbound.date,
                 "thread_owners": " ".join(self._owners(inbound)),
-                # Whether the reply may quote the mail: see email_delivery._quote.
+                # Whether the reply may quote the mail: see channels.email.delivery._quote.
                 "authenticated": "true" if inbound.authenticated else "false",
             },
             options=GenerationOptions(),
