@@ -1,9 +1,10 @@
 """Structured logs: one JSON object per line, with the job id on every line of a job's path.
 
 `bind_job` puts a job id into a context variable for the code that handles
-it; `JobContextFilter` copies it (or the running Celery task's id) onto every
-record; `JsonFormatter` writes the record as JSON. GPT4P_LOG_FORMAT=text keeps
-the classic one-line format for people reading a terminal.
+it; `JobContextFilter` copies it (or the running task's id, which the runtime
+tells through `use_task_lookup`) onto every record; `JsonFormatter` writes the
+record as JSON. GPT4P_LOG_FORMAT=text keeps the classic one-line format for
+people reading a terminal.
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import current_task
-
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+# The id and name of the task this thread runs, if any: Celery's, told by the runtime
+# (workers.app); the kernel itself knows no task queue.
+TaskLookup = Callable[[], tuple[str | None, str | None]]
+_running_task: TaskLookup = lambda: (None, None)  # noqa: E731
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(job_id)s]: %(message)s"
+
+
+def use_task_lookup(lookup: TaskLookup) -> None:
+    """Say how to find the task this thread runs (its id and name), for log records."""
+    global _running_task
+    _running_task = lookup
 
 
 @contextmanager
@@ -37,12 +46,9 @@ class JobContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Annotate and keep the record."""
-        job_id = _job_id.get()
-        task = current_task._get_current_object() if current_task else None
-        if job_id is None and task is not None and task.request.id:
-            job_id = str(task.request.id)
-        record.job_id = job_id or "-"
-        record.task = task.name if task is not None else None
+        task_id, task_name = _running_task()
+        record.job_id = _job_id.get() or task_id or "-"
+        record.task = task_name
         return True
 
 

@@ -7,16 +7,27 @@ import os
 import threading
 
 import redis
-from celery import Celery
+from celery import Celery, current_task
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from kernel.logs import configure_handler
+from kernel.logs import configure_handler, use_task_lookup
 from kernel.redis_client import celery_transport_options, redis_client, resolve_redis_url
 from kernel.settings import Settings, get_settings
 from workers.privacy import APP_OPTIONS  # task arguments shown as summaries only
 
 app = Celery("gpt4people", **APP_OPTIONS)
 app.config_from_object("celeryconfig")
+
+
+def _running_task() -> tuple[str | None, str | None]:
+    """The id and name of the Celery task this thread runs, for log records."""
+    task = current_task._get_current_object() if current_task else None
+    if task is None:
+        return None, None
+    return (str(task.request.id) if task.request.id else None), task.name
+
+
+use_task_lookup(_running_task)
 
 
 @after_setup_logger.connect
