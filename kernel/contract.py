@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Queue names are public surface (README, "Operations"): operators route and scale by them.
 INFERENCE_QUEUE = "inference"
@@ -67,18 +67,78 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 MAX_MESSAGE_CHARS = 2_000_000
 MAX_MESSAGES = 1_000
 
 
+class ToolCall(BaseModel):
+    """A call of a function the caller offered (OpenAI's ``tool_calls`` entry)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    arguments: str = Field(max_length=MAX_MESSAGE_CHARS, description="JSON, as OpenAI sends it.")
+
+
 class ChatMessage(BaseModel):
-    """One turn of a conversation."""
+    """One turn of a conversation: an assistant turn may hold the tool calls it made, and a
+    ``tool`` turn answers one of them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    tool_calls: list[ToolCall] = Field(default_factory=list, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=64)
+    name: str | None = Field(None, max_length=64, description="The tool that answered.")
+
+
+class ToolSpec(BaseModel):
+    """A function the caller offers the model (OpenAI's ``tools`` entry, flattened)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str = Field("", max_length=4096)
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of the arguments.",
+    )
+    strict: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """What the answer must be: any text, a JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = Field(
+        None, description="With type json_schema: the JSON Schema the answer must satisfy."
+    )
+    strict: bool = False
+
+
+# "auto": text or calls; "none": text only; "required": at least one call; a name: that call.
+ToolChoice = Literal["auto", "none", "required"] | str
+
+
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position, and its log probability."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """The token generated at a position, and the most likely ones there (OpenAI's shape)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 MAX_MEDIA_LINK_CHARS = 2048
@@ -122,6 +182,20 @@ class GenerationOptions(BaseModel):
         "(end token or template stop string); llama-server's and vLLM's extension, for "
         "benchmarks. The caller's own stop strings still apply.",
     )  # fmt: skip
+    response_format: ResponseFormat = Field(default_factory=ResponseFormat)
+    tools: list[ToolSpec] = Field(default_factory=list, max_length=128)
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    logprobs: bool = Field(False, description="Return each generated token's log probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="And this many most likely tokens.")
+    raw_prompt: bool = Field(
+        False, description="The last message's content is the whole prompt, sent to the model "
+        "as is (no chat template): the legacy completions API.",
+    )  # fmt: skip
+    grammar: str | None = Field(
+        None, max_length=1_000_000, description="A GBNF grammar the sampler enforces. Set by the "
+        "answer path from response_format and tools, never taken from a caller.",
+    )  # fmt: skip
 
 
 class Job(BaseModel):
@@ -149,15 +223,21 @@ class Job(BaseModel):
 
     @field_validator("messages")
     @classmethod
-    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if messages[-1].role != "user":
-            raise ValueError("the last message must be the user's")
+    def _ends_with_a_turn_to_answer(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role == "system":
+            raise ValueError("the last message must be the user's, a tool's or the assistant's")
         return messages
 
     @property
     def prompt(self) -> str:
-        """The text of the latest user message."""
+        """The text of the latest message: what the user asked (a tool's answer, or the start
+        of the assistant's answer to continue, when the conversation ends with one)."""
         return self.messages[-1].content
+
+    @property
+    def continues_answer(self) -> bool:
+        """The conversation ends with the assistant's words: continue them (prefill)."""
+        return self.messages[-1].role == "assistant"
 
     def reply(self, text: str, model: str, engine: str, **fields: Any) -> Reply:
         """The `Reply` to this job: its addresses and channel context, with `text`."""
@@ -171,7 +251,7 @@ class Job(BaseModel):
         return self.model_dump(mode="json")
 
 
-FinishReason = Literal["stop", "length", "fallback"]
+FinishReason = Literal["stop", "length", "fallback", "tool_calls", "context_length_exceeded"]
 
 
 class Reply(BaseModel):
@@ -184,19 +264,22 @@ class Reply(BaseModel):
     reply_to: str
     reply_from: str | None = None
     context: dict[str, str] = Field(default_factory=dict)
-    text: str = Field(min_length=1)
+    text: str = Field("", description="Never blank, unless the answer is tool calls.")
     model: str
     engine: str
+    # "context_length_exceeded": the prompt could not fit; `text` is the polite sentence
+    # for channels that answer people, and the HTTP API answers 400 instead.
     finish_reason: FinishReason = "stop"
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = Field(0, ge=0)
     completion_tokens: int = Field(0, ge=0)
     worker: str = ""
     duration_ms: float = Field(0.0, ge=0)
     created_at: datetime = Field(default_factory=_now)
 
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
+    @model_validator(mode="after")
+    def _not_blank(self) -> Reply:
+        if not self.text.strip() and not self.tool_calls:
             raise ValueError("a reply is never blank")
-        return text
+        return self
