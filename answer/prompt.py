@@ -4,10 +4,15 @@ A GGUF that carries a chat template (``tokenizer.chat_template``) gets exactly
 that template, rendered in a Jinja sandbox as llama.cpp and Hugging Face do.
 A base model without one (the bundled Gemma 3 270M) gets a plain transcript
 that ends in ``Assistant:`` and stops when the model starts the user's turn.
+
+A conversation that ends with the assistant's words (prefill) is rendered with that
+turn left open, so the model continues it; a raw prompt (the legacy completions API)
+is the last message's text as it is.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +34,10 @@ TRANSCRIPT_EXAMPLE = (
 )
 
 
+# Stands for the assistant's words to continue while the template is rendered.
+PREFILL_MARKER = "\u2063GPT4P-PREFILL\u2063"
+
+
 class ChatTemplateError(ValueError):
     """The model's chat template could not be rendered for this conversation."""
 
@@ -39,6 +48,7 @@ class PromptText:
 
     text: str
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Special tokens in the text (the template's, or a raw prompt's) are read as such.
     templated: bool = False
 
 
@@ -49,21 +59,59 @@ def _with_system(messages: Sequence[ChatMessage], system_prompt: str) -> list[Ch
 
 
 def render_transcript(messages: Sequence[ChatMessage], system_prompt: str) -> PromptText:
-    """The plain completion format for models without a chat template."""
+    """The plain completion format for models without a chat template; a last assistant
+    message is left open (its text as given, but for leading spaces) to be continued."""
     parts: list[str] = []
     conversation = _with_system(messages, system_prompt)
+    prefill = conversation.pop().content.lstrip() if continues(conversation) else None
     if conversation[0].role == "system":
         parts.append(conversation.pop(0).content.strip() + "\n")
     parts.extend(f"{label}: {text}" for label, text in TRANSCRIPT_EXAMPLE)
     for message in conversation:
-        content = message.content.strip()
+        content = _transcript_content(message)
         if message.role == "system":
             parts.append(content)
         else:
             label = USER_LABEL if message.role == "user" else ASSISTANT_LABEL
             parts.append(f"{label}: {content}")
-    parts.append(f"{ASSISTANT_LABEL}:")
+    parts.append(f"{ASSISTANT_LABEL}:" + (f" {prefill}" if prefill else ""))
     return PromptText(text="\n".join(parts), stop=TRANSCRIPT_STOPS)
+
+
+def _transcript_content(message: ChatMessage) -> str:
+    """A turn's text in a transcript: a tool's answer says so, and calls are written out."""
+    content = message.content.strip()
+    if message.role == "tool":
+        return f"(result of {message.name or 'the tool'}) {content}".strip()
+    if message.tool_calls:
+        calls = " ".join(
+            json.dumps({"name": call.name, "arguments": _arguments(call.arguments)})
+            for call in message.tool_calls
+        )
+        return f"{content} {calls}".strip()
+    return content
+
+
+def _arguments(arguments: str) -> object:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def continues(messages: Sequence[ChatMessage]) -> bool:
+    """The conversation ends with the assistant's words, to be continued (prefill)."""
+    return bool(messages) and messages[-1].role == "assistant"
+
+
+def last_turn(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """The least of a conversation that still makes sense: its leading system message and
+    everything from the last user message on (the question, with any calls, tool answers
+    and the start of the answer that follow it)."""
+    system = [messages[0]] if messages and messages[0].role == "system" else []
+    starts = [i for i, m in enumerate(messages) if m.role == "user"]
+    start = starts[-1] if starts else len(messages) - 1
+    return [*system, *messages[max(start, len(system)) :]]
 
 
 def _raise(message: str) -> None:
@@ -80,11 +128,16 @@ def render_chat_template(
     """Render the model's own chat template, ending with the assistant's turn opened."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = _raise
-    conversation = [m.model_dump() for m in _with_system(messages, system_prompt)]
+    conversation = [_template_message(m) for m in _with_system(messages, system_prompt)]
+    prefill = messages[-1].content if continues(messages) else None
+    if prefill is not None:
+        # The assistant's turn is rendered whole around a marker and cut there: the text
+        # up to the marker, then the words to continue (llama.cpp's server does the same).
+        conversation[-1]["content"] = PREFILL_MARKER
     try:
         text = environment.from_string(template).render(
             messages=conversation,
-            add_generation_prompt=True,
+            add_generation_prompt=prefill is None,
             bos_token=bos_token,
             eos_token=eos_token,
         )
@@ -104,8 +157,29 @@ def render_chat_template(
         return render_chat_template(template, folded, "", bos_token, eos_token)
     except TemplateError as error:
         raise ChatTemplateError(f"chat template failed: {error}") from error
+    if prefill is not None:
+        at = text.rfind(PREFILL_MARKER)
+        if at < 0:
+            raise ChatTemplateError("the chat template dropped the assistant's last message")
+        text = text[:at] + prefill
     stop = (eos_token,) if eos_token else ()
     return PromptText(text=text, stop=stop, templated=True)
+
+
+def _template_message(message: ChatMessage) -> dict[str, object]:
+    """A message as chat templates read it (Hugging Face's shape for tool calls)."""
+    data: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]  # fmt: skip
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        data["name"] = message.name
+    return data
 
 
 def build_prompt(
@@ -114,8 +188,12 @@ def build_prompt(
     chat_template: str | None,
     bos_token: str = "",
     eos_token: str = "",
+    raw: bool = False,
 ) -> PromptText:
-    """The prompt for `messages`: the model's chat template when it has one, else a transcript."""
+    """The prompt for `messages`: the model's chat template when it has one, else a transcript;
+    `raw`: the last message's text alone, as it is (no template, no system prompt)."""
+    if raw:
+        return PromptText(text=messages[-1].content, templated=True)
     if chat_template:
         return render_chat_template(chat_template, messages, system_prompt, bos_token, eos_token)
     return render_transcript(messages, system_prompt)

@@ -16,7 +16,13 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from answer.core import answer, answer_after_helper
-from answer.engines import Engine, Generation, GenerationTimeLimitError, TextSink
+from answer.engines import (
+    Engine,
+    Generation,
+    GenerationTimeLimitError,
+    TextSink,
+    delta_logprobs,
+)
 from answer.routing import AfterHelper, HelperCall
 from kernel.channels import channel_facts
 from kernel.contract import (
@@ -27,6 +33,7 @@ from kernel.contract import (
     GenerationOptions,
     Job,
     Reply,
+    TokenLogprob,
 )
 from kernel.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from kernel.settings import get_settings
@@ -87,20 +94,27 @@ class _StreamPublisher:
     def __init__(self, job: Job, client: redis.Redis) -> None:
         self.client, self.channel = client, stream_channel(job.id)
         self.pending: list[str] = []
+        # With options.logprobs every delta carries its tokens' logprobs (a list, maybe empty).
+        self.logprobs: list[TokenLogprob] | None = [] if job.options.logprobs else None
         self.last = 0.0
         # A requeued job starts over: tell the listener to drop what it had.
         client.publish(self.channel, encode_event("restart"))
 
     def __call__(self, text: str) -> None:
         self.pending.append(text)
+        if self.logprobs is not None:
+            self.logprobs.extend(delta_logprobs(text))
         if time.monotonic() - self.last >= STREAM_INTERVAL_S:
             self.flush()
 
     def flush(self) -> None:
         """Publish what is gathered."""
         if self.pending:
-            self.client.publish(self.channel, encode_event("delta", "".join(self.pending)))
+            event = encode_event("delta", "".join(self.pending), self.logprobs)
+            self.client.publish(self.channel, event)
             self.pending.clear()
+            if self.logprobs is not None:
+                self.logprobs = []
             self.last = time.monotonic()
 
     def end(self) -> None:

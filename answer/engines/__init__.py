@@ -10,10 +10,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from kernel.contract import ChatMessage, GenerationOptions
+from kernel.contract import ChatMessage, GenerationOptions, TokenLogprob
 from kernel.settings import Settings
 
 TextSink = Callable[[str], None]
+
+
+class TextDelta(str):
+    """Streamed text that carries the logprobs of its tokens (when the job asked for them):
+    a `str` to every sink, so sinks that only want the text need not know."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, logprobs: Sequence[TokenLogprob] = ()) -> TextDelta:
+        delta = super().__new__(cls, text)
+        delta.logprobs = tuple(logprobs)
+        return delta
+
+
+def delta_logprobs(text: str) -> list[TokenLogprob]:
+    """The logprobs a streamed piece of text carries (none for a plain `str`)."""
+    return list(text.logprobs) if isinstance(text, TextDelta) else []
 
 
 class PromptTooLongError(ValueError):
@@ -33,6 +50,8 @@ class Generation:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    # With options.logprobs: each generated token's, in OpenAI's shape (else None).
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Engine(Protocol):

@@ -16,6 +16,13 @@ Prefix cache: a slot keeps the tokens of its last job in its KV sequence; a
 new job goes to the free slot that shares the longest prefix with its prompt
 (a conversation's next turn finds its history there) and only the rest is
 evaluated.
+
+A job with a grammar (``options.grammar``: JSON, a schema, tool calls) has its own
+grammar sampler in its own chain: the token the job would pick anyway is checked
+against the grammar first, and only when the grammar refuses it is the grammar applied
+to the whole vocabulary (llama.cpp's common sampler does the same), so the other jobs
+of the batch never see it. With ``options.logprobs`` a job also gets each token's log
+probability in the model's distribution at that step, and the most likely tokens there.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +44,15 @@ import numpy as np
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
-from answer.engines import Generation, GenerationTimeLimitError, TextSink, offloaded_layers
+from answer.engines import (
+    Generation,
+    GenerationTimeLimitError,
+    TextDelta,
+    TextSink,
+    offloaded_layers,
+)
 from answer.engines.prompting import PromptFitter
-from kernel.contract import ChatMessage, GenerationOptions
+from kernel.contract import ChatMessage, GenerationOptions, TokenLogprob, TopLogprob
 from kernel.model_files import model_label, resolve_model_path
 from kernel.settings import Settings
 
@@ -54,6 +67,10 @@ BATCH_TOKENS = 512  # tokens per llama_decode call (prompt chunks + one per gene
 # waking a thread per token takes a core from the decode on a small machine.
 TEXT_INTERVAL_S = 0.05
 FinishReason = Literal["stop", "length"]
+# One token's log probability and the most likely (token, log probability) at its step,
+# as the engine thread records it; the caller's thread makes the `TokenLogprob`s.
+RawLogprob = tuple[int, float, list[tuple[int, float]]]
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class EngineStoppedError(RuntimeError):
@@ -72,9 +89,13 @@ class _Request:
     seed: int | None
     deadline: float
     ignore_eos: bool = False
+    grammar: str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
+    unsent_logprobs: list[RawLogprob] = field(default_factory=list)  # and its tokens'
     sent_at: float | None = None  # when text was last handed over (None: the first goes now)
 
 
@@ -88,9 +109,13 @@ class _Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
     next_token: int | None = None  # sampled, to be decoded in the next step
     sampler: Any = None
+    grammar: Any = None  # the job's grammar sampler, outside `sampler`
     decoder: Any = None
     text: str = ""
     emitted: int = 0
+    logprobs: list[RawLogprob] = field(default_factory=list)
+    token_ends: list[int] = field(default_factory=list)  # where each token's text ends
+    logprobs_emitted: int = 0
     generated: int = 0
     logits_index: int = -1
 
@@ -209,7 +234,7 @@ class BatchedLlamaEngine:
         gone to `on_text`): a threads pool has no time limits, so the engine keeps its own.
         """
         settings = self._settings
-        prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
+        prompt, tokens, max_tokens = self._fitter.fit(messages, options)
         request = _Request(
             tokens=tokens,
             max_tokens=max_tokens,
@@ -221,6 +246,9 @@ class BatchedLlamaEngine:
             seed=options.seed if options.seed is not None else settings.seed,
             deadline=time.monotonic() + settings.task_soft_time_limit,
             ignore_eos=options.ignore_eos,
+            grammar=options.grammar,
+            logprobs=options.logprobs,
+            top_logprobs=options.top_logprobs if options.logprobs else 0,
         )  # fmt: skip
         if self._stopped.is_set():
             raise EngineStoppedError("the engine is stopped")
@@ -239,14 +267,32 @@ class BatchedLlamaEngine:
             except queue.Empty:
                 raise EngineStoppedError("the engine stopped answering") from None
             if kind == "text":
+                text, raw = value
                 if on_text is not None:
-                    on_text(value)
+                    on_text(TextDelta(text, self._logprobs(raw)) if request.logprobs else text)
             elif kind == "done":
-                return value
+                generation, raw = value
+                if request.logprobs:
+                    return replace(generation, logprobs=self._logprobs(raw))
+                return generation
             elif kind == "timeout":
                 raise GenerationTimeLimitError("past GPT4P_TASK_SOFT_TIME_LIMIT")
             else:
                 raise value  # an error from the engine thread
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        piece = self._piece(token)
+        return TopLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob,
+                          bytes=list(piece))  # fmt: skip
+
+    def _logprobs(self, raw: list[RawLogprob]) -> list[TokenLogprob]:
+        """OpenAI's shape of the logprobs the engine thread recorded."""
+        made = []
+        for token, logprob, top in raw:
+            sampled = self._top(token, logprob)
+            made.append(TokenLogprob(**sampled.model_dump(),
+                                     top_logprobs=[self._top(t, lp) for t, lp in top]))  # fmt: skip
+        return made
 
     def close(self) -> None:
         """Stop the decode loop and free llama.cpp's memory."""
@@ -316,14 +362,23 @@ class BatchedLlamaEngine:
         slot.request = request
         slot.next_token = None
         slot.text, slot.emitted, slot.generated = "", 0, 0
+        slot.logprobs, slot.token_ends, slot.logprobs_emitted = [], [], 0
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.sampler = self._sampler(request)
+        if request.grammar is not None:
+            slot.grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, request.grammar.encode("utf-8"), b"root"
+            )
+            if not slot.grammar:
+                slot.grammar = None
+                request.events.put(("error", ValueError("the grammar could not be parsed")))
+                self._release(slot, keep=True)
 
     def _sampler(self, request: _Request) -> Any:
         if request.temperature <= 0:
             return None  # greedy: _greedy, no sampler state
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if request.ignore_eos:
+        if request.ignore_eos and request.grammar is None:  # a grammar decides where it ends
             llama_cpp.llama_sampler_chain_add(chain, self._no_eog_sampler())
         seed = request.seed if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         for sampler in (
@@ -355,6 +410,9 @@ class BatchedLlamaEngine:
         if slot.sampler is not None:
             llama_cpp.llama_sampler_free(slot.sampler)
             slot.sampler = None
+        if slot.grammar is not None:
+            llama_cpp.llama_sampler_free(slot.grammar)
+            slot.grammar = None
 
     def _step(self) -> None:
         """One llama_decode over every active job; then sample and hand out text."""
@@ -411,30 +469,86 @@ class BatchedLlamaEngine:
             slot.logits_index = n - 1
         return n
 
-    def _greedy(self, request: _Request, index: int) -> int:
+    def _greedy(self, request: _Request, logits: np.ndarray) -> int:
         """The most likely token (numpy's argmax: the same pick as llama.cpp's greedy
         sampler, without copying the vocabulary into a candidates array)."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         token = int(logits.argmax())
-        if request.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if (request.ignore_eos and request.grammar is None
+                and llama_cpp.llama_vocab_is_eog(self._vocab, token)):  # fmt: skip
             masked = logits.copy()
             masked[self._eog()] = -np.inf
             token = int(masked.argmax())
         return token
 
+    def _allows(self, grammar: Any, token: int, logit: float) -> bool:
+        """Whether the grammar accepts `token` next (checked alone, cheaply)."""
+        data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, logit, 0.0))
+        candidates = llama_cpp.llama_token_data_array(data, 1, -1, False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(candidates))
+        return bool(np.isfinite(data[0].logit))
+
+    def _constrained(self, slot: _Slot, logits: np.ndarray, index: int) -> int | None:
+        """The job's pick, within its grammar; None when the grammar allows no token."""
+        request = slot.request
+        assert request is not None
+        greedy = request.temperature <= 0
+        token = (self._greedy(request, logits) if greedy
+                 else llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index))  # fmt: skip
+        if not self._allows(slot.grammar, token, float(logits[token])):
+            # The grammar refuses the free pick: apply it to the whole vocabulary, then pick.
+            array = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
+            array["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            array["logit"] = logits
+            array["p"] = 0.0
+            data = array.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+            candidates = llama_cpp.llama_token_data_array(data, self._n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
+            best = int(array["logit"].argmax())
+            if not np.isfinite(array["logit"][best]):
+                return None
+            if greedy:
+                token = int(array["id"][best])
+            else:
+                llama_cpp.llama_sampler_apply(slot.sampler, ctypes.byref(candidates))
+                token = int(data[candidates.selected].id)
+                llama_cpp.llama_sampler_accept(slot.sampler, token)
+        llama_cpp.llama_sampler_accept(slot.grammar, token)
+        return token
+
+    @staticmethod
+    def _logprob(logits: np.ndarray, token: int, top: int) -> RawLogprob:
+        """`token`'s log probability in the model's distribution, and the `top` likeliest."""
+        values = logits.astype(np.float64)
+        peak = values.max()
+        normaliser = peak + np.log(np.exp(values - peak).sum())
+        best: list[tuple[int, float]] = []
+        if top:
+            ids = np.argpartition(-values, top)[:top]
+            ids = ids[np.argsort(-values[ids], kind="stable")]
+            best = [(int(t), float(values[t] - normaliser)) for t in ids]
+        return token, float(values[token] - normaliser), best
+
     def _sample(self, slot: _Slot, index: int) -> None:
         request = slot.request
         assert request is not None
-        if request.temperature <= 0:
-            token = self._greedy(request, index)
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        picked: int | None
+        if slot.grammar is not None:
+            picked = self._constrained(slot, logits, index)
+        elif request.temperature <= 0:
+            picked = self._greedy(request, logits)
         else:
-            token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            picked = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
+        if picked is None or llama_cpp.llama_vocab_is_eog(self._vocab, picked):
             self._finish(slot, "stop")
             return
+        token = picked
+        if request.logprobs:
+            slot.logprobs.append(self._logprob(logits, token, request.top_logprobs))
         slot.generated += 1
         slot.text += slot.decoder.decode(self._piece(token))
+        slot.token_ends.append(len(slot.text))
         for stop in request.stop:
             at = slot.text.find(stop, max(0, slot.emitted - len(stop)))
             if at >= 0:
@@ -458,20 +572,32 @@ class BatchedLlamaEngine:
         if end > slot.emitted:
             request.unsent.append(slot.text[slot.emitted : end])
             slot.emitted = end
+        if request.logprobs:
+            # A token goes with the text once all of it is handed over (or, at the end, if
+            # any of it is: a stop string may cut through it); tokens past a cut are dropped.
+            done = slot.logprobs_emitted
+            while done < len(slot.token_ends) and (
+                slot.token_ends[done] <= end
+                or (final and (slot.token_ends[done - 1] if done else 0) < end)
+            ):
+                done += 1
+            request.unsent_logprobs.extend(slot.logprobs[slot.logprobs_emitted : done])
+            slot.logprobs_emitted = done
         if request.unsent:
             now = time.monotonic()
             if final or request.sent_at is None or now - request.sent_at >= self.text_interval:
-                request.events.put(("text", "".join(request.unsent)))
-                request.unsent.clear()
+                request.events.put(("text", ("".join(request.unsent), request.unsent_logprobs)))
+                request.unsent, request.unsent_logprobs = [], []
                 request.sent_at = now
 
     def _finish(self, slot: _Slot, reason: FinishReason) -> None:
         request = slot.request
         assert request is not None
         self._flush(slot, final=True)
-        request.events.put(("done", Generation(text=slot.text, finish_reason=reason,
-                                               prompt_tokens=len(request.tokens),
-                                               completion_tokens=slot.generated)))  # fmt: skip
+        generation = Generation(text=slot.text, finish_reason=reason,
+                                prompt_tokens=len(request.tokens),
+                                completion_tokens=slot.generated)  # fmt: skip
+        request.events.put(("done", (generation, slot.logprobs[: slot.logprobs_emitted])))
         self._release(slot, keep=True)
 
     def _release(self, slot: _Slot, keep: bool) -> None:

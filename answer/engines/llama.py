@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from llama_cpp import Llama
+from llama_cpp import Llama, LlamaGrammar
 
 from answer.engines import Generation, TextSink, offloaded_layers
 from answer.engines.prompting import PromptFitter
@@ -75,7 +75,11 @@ class LlamaEngine:
         """Complete the conversation with llama.cpp, streaming text into `on_text`."""
         settings = self._settings
         with self._lock:
-            prompt, tokens, max_tokens = self._fitter.fit(messages, options.max_tokens)
+            prompt, tokens, max_tokens = self._fitter.fit(messages, options)
+            grammar = (LlamaGrammar.from_string(options.grammar, verbose=False)
+                       if options.grammar is not None else None)  # fmt: skip
+            # ignore_eos must not fight a grammar's end: the grammar decides where it ends.
+            no_eos = options.ignore_eos and grammar is None
             stream = cast(
                 Iterator[dict[str, Any]],
                 self._llm.create_completion(
@@ -87,9 +91,8 @@ class LlamaEngine:
                     top_p=options.top_p if options.top_p is not None else 0.95,
                     # ignore_eos: no end token, no template stop strings (the caller's stay).
                     stop=[*([] if options.ignore_eos else prompt.stop), *options.stop],
-                    logit_bias={self._llm.token_eos(): float("-inf")}
-                    if options.ignore_eos
-                    else None,
+                    logit_bias={self._llm.token_eos(): float("-inf")} if no_eos else None,
+                    grammar=grammar,
                     seed=options.seed if options.seed is not None else settings.seed,
                     stream=True,
                 ),

@@ -1,18 +1,34 @@
-"""Prompt text to tokens that fit the context window, shared by the llama.cpp engines."""
+"""Prompt text to tokens that fit the context window, shared by the llama.cpp engines
+and by the token counting of the HTTP channel (`answer.engines.tokenizer`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 from answer.engines import PromptTooLongError
-from answer.prompt import PromptText, build_prompt
-from kernel.contract import ChatMessage
+from answer.prompt import PromptText, build_prompt, last_turn
+from kernel.contract import ChatMessage, GenerationOptions
 from kernel.settings import Settings
 
 Tokenize = Callable[[str, bool, bool], list[int]]  # text, add_bos, special -> tokens
 
 # An answer needs at least this much room, or the prompt is cut (or refused).
 MIN_ANSWER_TOKENS = 16
+
+
+def answer_tokens(options: GenerationOptions, settings: Settings) -> int:
+    """The most tokens an answer may take: what the caller asked, at most GPT4P_MAX_TOKENS."""
+    return min(options.max_tokens or settings.max_tokens, settings.max_tokens)
+
+
+def prompt_limit(options: GenerationOptions, settings: Settings) -> int:
+    """The most prompt tokens that fit: the context less the least room an answer needs."""
+    return settings.n_ctx - min(answer_tokens(options, settings), MIN_ANSWER_TOKENS)
+
+
+def too_long(tokens: int, limit: int) -> PromptTooLongError:
+    """The error for a prompt that cannot fit, with the numbers."""
+    return PromptTooLongError(f"the prompt is {tokens} tokens, the context holds {limit}")
 
 
 class PromptFitter:
@@ -33,6 +49,11 @@ class PromptFitter:
         self.bos_token = token_text(bos)
         self.eos_token = token_text(eos)
 
+    def render(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> PromptText:
+        """The prompt text exactly as the engines send it."""
+        return build_prompt(messages, self._settings.system_prompt, self.chat_template,
+                            self.bos_token, self.eos_token, raw=options.raw_prompt)  # fmt: skip
+
     def tokens(self, prompt: PromptText) -> list[int]:
         """The prompt's tokens, with one BOS token."""
         text = prompt.text
@@ -40,27 +61,30 @@ class PromptFitter:
         add_bos = not (self.bos_token and text.startswith(self.bos_token))
         return self._tokenize(text, add_bos, prompt.templated)
 
+    def count_last_turn(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> int:
+        """The tokens of the least prompt the engine would send: the system prompt and the
+        last turn (the whole text of a raw prompt)."""
+        turns = messages[-1:] if options.raw_prompt else last_turn(messages)
+        return len(self.tokens(self.render(turns, options)))
+
     def fit(
-        self, messages: Sequence[ChatMessage], wanted: int | None
+        self, messages: Sequence[ChatMessage], options: GenerationOptions
     ) -> tuple[PromptText, list[int], int]:
         """Drop the oldest turns until the prompt and the answer fit the context window.
 
-        `wanted`: the tokens the caller asked for (None: GPT4P_MAX_TOKENS, also the
-        ceiling). Returns the prompt, its tokens and the tokens left for the answer."""
+        Returns the prompt, its tokens and the tokens left for the answer (at most
+        `answer_tokens`). Raises `PromptTooLongError` when even the last turn cannot fit."""
         n_ctx = self._settings.n_ctx
-        max_tokens = min(wanted or self._settings.max_tokens, self._settings.max_tokens)
-        turns = list(messages)
+        max_tokens = answer_tokens(options, self._settings)
+        limit = prompt_limit(options, self._settings)
+        turns = list(messages[-1:] if options.raw_prompt else messages)
+        least = len(messages[-1:] if options.raw_prompt else last_turn(messages))
         while True:
-            prompt = build_prompt(turns, self._settings.system_prompt, self.chat_template,
-                                  self.bos_token, self.eos_token)  # fmt: skip
+            prompt = self.render(turns, options)
             tokens = self.tokens(prompt)
-            room = n_ctx - len(tokens)
-            if room >= min(max_tokens, MIN_ANSWER_TOKENS):
-                return prompt, tokens, min(max_tokens, room)
-            if len(turns) <= 1 or (len(turns) == 2 and turns[0].role == "system"):
-                raise PromptTooLongError(
-                    f"the message is {len(tokens)} tokens long; this model reads at most "
-                    f"{n_ctx - MIN_ANSWER_TOKENS}"
-                )
+            if len(tokens) <= limit:
+                return prompt, tokens, min(max_tokens, n_ctx - len(tokens))
+            if len(turns) <= least:
+                raise too_long(len(tokens), limit)
             first_dialogue = 1 if turns[0].role == "system" else 0
             del turns[first_dialogue]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from answer.engines import Generation, GenerationTimeLimitError
+from answer.engines import Generation, GenerationTimeLimitError, TextDelta, delta_logprobs
 from answer.engines.batched import TEXT_INTERVAL_S, BatchedLlamaEngine
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.settings import Settings
@@ -188,3 +190,61 @@ def test_a_caller_that_gives_up_frees_its_slot() -> None:
         assert engine.generate(ask("What do bees make?"), GREEDY).text.strip()
     finally:
         engine.close()
+
+
+PERSON = json_schema_to_gbnf(
+    json.dumps({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"},
+            "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "pets"],
+    })
+)  # fmt: skip
+
+
+def test_a_grammar_job_and_a_free_job_in_one_batch_each_get_what_they_asked_for(
+    engine: BatchedLlamaEngine,
+) -> None:
+    question = ask("Describe a person.")
+    free_alone = engine.generate(question, GREEDY).text
+    constrained = GenerationOptions(temperature=0.0, max_tokens=60, grammar=PERSON)
+    sampled = GenerationOptions(temperature=0.8, seed=4, max_tokens=60, grammar=PERSON)
+    steps = engine.steps
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(engine.generate, question, options)
+                for options in (constrained, GREEDY, sampled, GREEDY)]  # fmt: skip
+        texts = [job.result().text for job in jobs]
+    assert engine.steps - steps < 60 + 24  # decoded together, not one after another
+    for text in (texts[0], texts[2]):
+        person = json.loads(text)
+        assert set(person) == {"name", "age", "pets"} and isinstance(person["age"], int)
+    # The free jobs are untouched by their neighbours' grammars.
+    assert texts[1] == texts[3] == free_alone
+    assert not free_alone.lstrip().startswith("{")
+
+
+def test_logprobs_in_openai_shape_and_the_greedy_token_is_the_most_likely(
+    engine: BatchedLlamaEngine,
+) -> None:
+    options = GenerationOptions(temperature=0.0, max_tokens=12, logprobs=True, top_logprobs=5)
+    deltas: list[str] = []
+    generation = engine.generate(ask("What is the capital of France?"), options, deltas.append)
+    logprobs = generation.logprobs
+    # Tokens of the text only: those of a stop string cut off are not the answer's.
+    assert logprobs is not None and 0 < len(logprobs) <= generation.completion_tokens
+    assert "".join(lp.token for lp in logprobs) == generation.text
+    for lp in logprobs:
+        assert len(lp.top_logprobs) == 5 and lp.logprob <= 0
+        assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[0].logprob == lp.logprob
+        assert bytes(lp.bytes).decode() == lp.token
+        assert [t.logprob for t in lp.top_logprobs] == sorted(
+            (t.logprob for t in lp.top_logprobs), reverse=True
+        )
+    # Streamed, each piece of text carries its own tokens' logprobs.
+    assert [lp for d in deltas for lp in delta_logprobs(d)] == logprobs
+    assert all(isinstance(d, TextDelta) for d in deltas)
+    plain = engine.generate(ask("What is the capital of France?"), GREEDY)
+    assert plain.logprobs is None and plain.text.startswith(generation.text)

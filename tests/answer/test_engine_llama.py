@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from answer.engines import Engine, PromptTooLongError
 from answer.engines.batched import BatchedLlamaEngine
 from answer.engines.llama import LlamaEngine
+from answer.engines.tokenizer import context_limit, prompt_tokens
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.settings import Settings
 
@@ -77,7 +80,7 @@ def test_old_turns_are_dropped_to_fit_the_context(engine: Engine) -> None:
 
 
 def test_a_single_message_longer_than_the_context_is_refused(engine: Engine) -> None:
-    with pytest.raises(PromptTooLongError, match="tokens long"):
+    with pytest.raises(PromptTooLongError, match=r"\d+ tokens, the context holds 496"):
         engine.generate(ask("word " * 2000), GenerationOptions())
 
 
@@ -86,3 +89,64 @@ def test_ignore_eos_generates_every_token_asked_for(engine: Engine) -> None:
     generation = engine.generate(ask("Say yes."), options)
     assert generation.finish_reason == "length"
     assert generation.completion_tokens >= 38  # re-tokenised text may merge a token or two
+
+
+SCHEMA_GRAMMAR = json_schema_to_gbnf(
+    json.dumps({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "sunny": {"type": "boolean"},
+            "level": {"enum": ["low", "high"]},
+        },
+        "required": ["city", "sunny", "level"],
+    })
+)  # fmt: skip
+
+
+def test_a_grammar_makes_the_answer_follow_it(engine: Engine) -> None:
+    for temperature in (0.0, 0.9):
+        options = GenerationOptions(temperature=temperature, seed=5, max_tokens=48,
+                                    grammar=SCHEMA_GRAMMAR)  # fmt: skip
+        answer = json.loads(engine.generate(ask("What is the weather?"), options).text)
+        assert set(answer) == {"city", "sunny", "level"}
+        assert isinstance(answer["sunny"], bool) and answer["level"] in {"low", "high"}
+
+
+def test_ignore_eos_does_not_fight_a_grammars_end(engine: Engine) -> None:
+    options = GenerationOptions(temperature=0.0, max_tokens=48, ignore_eos=True,
+                                grammar='root ::= "yes" | "no"')  # fmt: skip
+    generation = engine.generate(ask("Is the sky blue?"), options)
+    assert generation.text in {"yes", "no"}
+    assert generation.finish_reason == "stop"
+
+
+def test_a_last_assistant_message_is_continued(engine: Engine) -> None:
+    options = GenerationOptions(temperature=0.0, max_tokens=12)
+    messages = [*ask("What is the capital of France?"),
+                ChatMessage(role="assistant", content="The capital of France is")]  # fmt: skip
+    generation = engine.generate(messages, options)
+    assert "Paris" in generation.text
+    assert not generation.text.startswith("The capital")  # the prefill is not repeated
+
+
+def test_a_raw_prompt_is_completed_as_it_is(engine: Engine) -> None:
+    options = GenerationOptions(temperature=0.0, max_tokens=8, raw_prompt=True)
+    generation = engine.generate(ask("One, two, three, four,"), options)
+    assert "five" in generation.text.lower()
+    assert generation.prompt_tokens <= 10  # no transcript, no system prompt
+
+
+def test_the_tokenizer_counts_what_the_engine_reads(engine: Engine) -> None:
+    settings = Settings(engine="llama", n_ctx=512, max_tokens=48)
+    messages = ask("What is the capital of France?")
+    for options in (GenerationOptions(), GenerationOptions(raw_prompt=True)):
+        counted = prompt_tokens(messages, options, settings)
+        assert counted == engine.generate(messages, options.model_copy(
+            update={"max_tokens": 1})).prompt_tokens  # fmt: skip
+    long = ask("word " * 2000)
+    counted = prompt_tokens(long, GenerationOptions(), settings)
+    assert counted is not None and counted > context_limit(GenerationOptions(), settings) == 496
+    with pytest.raises(PromptTooLongError, match=f"{counted} tokens, the context holds 496"):
+        engine.generate(long, GenerationOptions())
+    assert prompt_tokens(long, GenerationOptions(), Settings(engine="echo")) is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from answer.prompt import ChatTemplateError, build_prompt
-from kernel.contract import ChatMessage
+from answer.prompt import ChatTemplateError, build_prompt, last_turn
+from kernel.contract import ChatMessage, ToolCall
 
 SYSTEM = "Answer briefly."
 CHATML = (
@@ -64,3 +64,38 @@ def test_a_callers_system_message_replaces_the_default() -> None:
     prompt = build_prompt(messages, SYSTEM, chat_template=None)
     assert prompt.text.startswith("Talk like a pirate.")
     assert SYSTEM not in prompt.text
+
+
+def test_a_last_assistant_message_is_left_open_to_be_continued() -> None:
+    messages = [*conversation(), ChatMessage(role="assistant", content="The answer is")]
+    transcript = build_prompt(messages, SYSTEM, chat_template=None)
+    assert transcript.text.endswith("User: What is 2+2?\nAssistant: The answer is")
+    templated = build_prompt(messages, SYSTEM, chat_template=NO_SYSTEM, bos_token="<bos>")
+    assert templated.text.endswith("<start_of_turn>model\nThe answer is")
+    assert "<end_of_turn>" not in templated.text.rsplit("model\n", 1)[1]
+
+
+def test_a_raw_prompt_is_the_last_message_as_it_is() -> None:
+    messages = [ChatMessage(role="user", content="Once upon a time")]
+    prompt = build_prompt(messages, SYSTEM, chat_template=CHATML, raw=True)
+    assert prompt.text == "Once upon a time"
+    assert prompt.stop == ()
+
+
+def test_tool_calls_and_answers_are_written_into_the_transcript() -> None:
+    call = ToolCall(id="call_1", name="weather", arguments='{"city": "Paris"}')
+    messages = [
+        ChatMessage(role="user", content="Weather in Paris?"),
+        ChatMessage(role="assistant", content="", tool_calls=[call]),
+        ChatMessage(role="tool", content="Sunny, 21C", tool_call_id="call_1", name="weather"),
+    ]
+    text = build_prompt(messages, SYSTEM, chat_template=None).text
+    assert 'Assistant: {"name": "weather", "arguments": {"city": "Paris"}}' in text
+    assert "(result of weather) Sunny, 21C" in text
+    assert text.endswith("Assistant:")
+
+
+def test_the_last_turn_runs_from_the_last_user_message() -> None:
+    messages = [ChatMessage(role="system", content="Be brief."), *conversation(),
+                ChatMessage(role="assistant", content="It is")]  # fmt: skip
+    assert [m.content for m in last_turn(messages)] == ["Be brief.", "What is 2+2?", "It is"]
