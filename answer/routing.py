@@ -12,7 +12,6 @@ time, was killed or never answered.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -73,23 +72,6 @@ def parse_explicit(prompt: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1), (match.group(2) or "").strip()
-
-
-def parse_tool_call(text: str, names: set[str]) -> tuple[str, str] | None:
-    """A structured call ``{"helper": NAME, "input": TEXT}`` in model output, if any."""
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        return None
-    try:
-        call = json.loads(text[start : end + 1])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(call, dict):
-        return None
-    name, given = call.get("helper"), call.get("input", "")
-    if isinstance(name, str) and name in names and isinstance(given, str | int | float):
-        return name, str(given)
-    return None
 
 
 def _available(helpers: list[HelperInfo]) -> str:

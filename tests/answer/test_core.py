@@ -69,8 +69,9 @@ def test_two_blank_generations_become_a_polite_fallback() -> None:
 
 def test_a_prompt_too_long_for_the_model_gets_a_polite_reply() -> None:
     reply = answer(job(), ScriptedEngine("TOO LONG"))
-    assert "too long" in reply.text
-    assert reply.finish_reason == "fallback"
+    assert "too long" in reply.text and "9000 tokens" in reply.text
+    # The HTTP API answers 400 for it; SMS and email send the sentence.
+    assert reply.finish_reason == "context_length_exceeded"
 
 
 def test_the_echo_engine_answers_with_the_prompt() -> None:
