@@ -221,7 +221,10 @@ def _generate(
             produced.clear()
             generation = engine.generate(messages, _retry_options(options), collect)
             calls = parse_calls(generation.text, tools) if tools else []
-        text = "" if calls else generation.text.strip()
+        # A continuation (raw prompt, prefill) is joined to what came before by the caller:
+        # its leading space is part of it.
+        verbatim = options.raw_prompt or job.continues_answer
+        text = "" if calls else generation.text if verbatim else generation.text.strip()
         finish_reason = "tool_calls" if calls else generation.finish_reason
         prompt_tokens, completion_tokens = generation.prompt_tokens, generation.completion_tokens
         logprobs = getattr(generation, "logprobs", None)
