@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from channels.http.api import ApiError, body_limit, text_allowance
 from channels.http.api import router as openai_router
@@ -157,9 +158,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_guards(app: FastAPI, settings: Settings) -> None:
-    """The API key before any body is read, a byte limit on every body, no 500 with data.
+    """CORS, the API key before any body is read, a byte limit on every body, no 500 with data.
 
-    Starlette runs the middleware added last first: errors, then the key, then the limit."""
+    Starlette runs the middleware added last first: CORS (a preflight is answered there,
+    without a key and without a body; every answer, a 401 or a 500 too, gets its headers
+    so that a page can read it), then errors, then the key, then the limit."""
     private = {"/metrics"} if not settings.http_public_metrics else set()
     if not settings.http_public_docs:
         private |= {p for p in (app.docs_url, app.redoc_url, app.openapi_url) if p}
@@ -180,3 +183,12 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_middleware(ApiKeyGuard, keys=ApiKeys(settings), protected=protected)
     app.add_middleware(SafeErrors)
+    if settings.http_cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.http_cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            # The key travels in Authorization, never in cookies: no credentials mode.
+            allow_headers=["*"],
+            max_age=600,
+        )

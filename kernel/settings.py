@@ -7,10 +7,12 @@ described where it is declared, and nothing else in the code base reads
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -20,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kernel.redis_urls import check_redis_url
 
@@ -42,6 +44,8 @@ def _default_cache_dir() -> Path:
 EXAMPLE_PASSWORDS = frozenset({"change-me", "change-me-too", "changeme", "password", "admin"})
 MIN_FLOWER_PASSWORD_CHARS = 12
 MIN_API_KEY_CHARS = 16
+# A browser's Origin header: scheme://host[:port], nothing after (a trailing / is forgiven).
+_ORIGIN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+/?$")
 
 
 def check_flower_login(login: str) -> None:
@@ -196,6 +200,11 @@ class Settings(BaseSettings):
         le=10_000_000,  # the image helper's own ceiling
         description="Largest inline (data: URL) images of one HTTP request together, decoded; "
         "the request body may be this much (base64) larger than a prompt. 0: none accepted.",
+    )
+    http_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose browser pages may call /v1/*, "
+        'comma-separated or a JSON list; "*" for any. Unset: same-origin pages only.',
     )
     flower_port: int = Field(5555, ge=1, le=65_535, description="Port of the Flower dashboard.")
     flower_host: str = Field(
@@ -408,6 +417,27 @@ class Settings(BaseSettings):
                     f"each API key needs {MIN_API_KEY_CHARS} characters or more (no blank ones)"
                 )
         return value
+
+    @field_validator("http_cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        # "https://a.example,https://b.example" or '["https://a.example"]' (or a list).
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("http_cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path), nor '*'"
+                )
+        return [o.rstrip("/") for o in origins]
 
     @field_validator("log_level", mode="before")
     @classmethod

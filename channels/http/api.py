@@ -1,4 +1,10 @@
-"""The HTTP channel: an OpenAI-compatible ``/v1/chat/completions`` that goes through the queue."""
+"""The HTTP channel: OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``
+that go through the queue.
+
+A request of ``n`` choices is ``n`` jobs (seeds ``seed + i`` when a seed is given). Before
+anything is queued the request is checked as the worker would: a response format or tools
+that cannot become a grammar, or a prompt that cannot fit the model's context, is a 400.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
 import redis
 import redis.asyncio as aioredis
@@ -19,16 +27,31 @@ from channels.base import InvalidInboundError
 from channels.http.guard import BODY_BYTES_SCOPE_KEY, CALLER_SCOPE_KEY, OPEN_CALLER, ApiKeys
 from channels.http.openai_schema import (
     ChatCompletionRequest,
+    CompletionRequest,
     chunk_body,
     completion_body,
     error_body,
+    finish_reason,
+    legacy_logprobs,
+    text_choice,
+    text_completion_body,
+    tool_calls_body,
+    usage_of,
 )
-from kernel.contract import INFERENCE_QUEUE, Job, Reply, model_queue
+from kernel.contract import (
+    INFERENCE_QUEUE,
+    ChatMessage,
+    GenerationOptions,
+    Job,
+    Reply,
+    TokenLogprob,
+    model_queue,
+)
 from kernel.keys import IDEMPOTENCY_PREFIX
 from kernel.model_files import model_label
 from kernel.redis_client import RedisUnavailableError
 from kernel.settings import Settings
-from kernel.streaming import decode_event, stream_channel
+from kernel.streaming import decode_stream_event, stream_channel
 from workers.client import (
     IDEMPOTENCY_TTL_S,
     JobFailedError,
@@ -86,7 +109,7 @@ def body_limit(settings: Settings) -> tuple[int, str]:
 
 
 class HttpChannel:
-    """Turns an OpenAI chat completions request into a job."""
+    """Turns an OpenAI chat or text completions request into jobs, one per choice."""
 
     name = "http"
 
@@ -110,7 +133,7 @@ class HttpChannel:
         messages = [m.to_chat_message() for m in inbound.messages]
         media = inbound.messages[-1].media()[:MAX_IMAGES]
         if not messages[-1].content.strip() and not media:
-            raise InvalidInboundError("the last user message is empty")
+            raise InvalidInboundError(f"the last message (role {messages[-1].role}) is empty")
         return Job(
             channel=self.name,
             user=caller,
@@ -120,6 +143,24 @@ class HttpChannel:
             media=media,
             idempotency_key=idempotency_key,
         )
+
+    def text_jobs(self, inbound: CompletionRequest, caller: str = OPEN_CALLER) -> list[Job]:
+        """The jobs of a text completion: each prompt sent as is (``raw_prompt``), ``n``
+        times, in OpenAI's order (every choice of the first prompt, then the next's)."""
+        jobs = []
+        for prompt in inbound.prompts():
+            if not prompt.strip():
+                raise InvalidInboundError("the prompt is empty")
+            if len(prompt) > self.settings.max_prompt_chars:
+                raise InvalidInboundError(
+                    f"the prompt is {len(prompt)} characters long; the limit is "
+                    f"{self.settings.max_prompt_chars}"
+                )
+            job = Job(channel=self.name, user=caller, reply_to="http",
+                      messages=[ChatMessage(role="user", content=prompt)],
+                      options=inbound.options())  # fmt: skip
+            jobs += choices_of(job, inbound.n)
+        return jobs
 
     def _check_sizes(self, inbound: ChatCompletionRequest, body_bytes: int) -> None:
         """Refuse what is over a limit before any of it is copied into a job."""
@@ -190,7 +231,7 @@ async def chat_completions(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     """Answer a chat completion through the queue, as JSON or as server-sent events."""
-    settings, celery, client = _state(request)
+    settings, _, client = _state(request)
     body_bytes = int(request.scope.get(BODY_BYTES_SCOPE_KEY, 0))
     try:
         job = HttpChannel(settings).to_job(body, None, body_bytes, _sender(request, caller))
@@ -198,19 +239,137 @@ async def chat_completions(
         raise ApiError(413, str(error), "invalid_request_error", "request_too_large") from None
     except InvalidInboundError as error:
         raise ApiError(400, str(error), "invalid_request_error") from None
+    jobs = choices_of(job, body.n)
+    await _check_before_queueing(jobs, settings)
     if idempotency_key:
         scoped = await _scoped_idempotency_key(client, caller, idempotency_key, body)
-        job = job.model_copy(update={"idempotency_key": scoped})
+        jobs = _with_idempotency_keys(jobs, scoped)
+    renderer = _ChatChunks(settings, body.logprobs is True, jobs)
+    return await _answer(request, body.model, jobs, body.stream, renderer)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    request: Request,
+    body: CompletionRequest,
+    caller: Annotated[str, Depends(require_api_key)],
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> Response:
+    """Continue a prompt as is (the legacy text completion), through the same queue."""
+    settings, _, client = _state(request)
+    try:
+        jobs = HttpChannel(settings).text_jobs(body, _sender(request, caller))
+    except InvalidInboundError as error:
+        raise ApiError(400, str(error), "invalid_request_error") from None
+    await _check_before_queueing(jobs, settings)
+    if idempotency_key:
+        scoped = await _scoped_idempotency_key(client, caller, idempotency_key, body)
+        jobs = _with_idempotency_keys(jobs, scoped)
+    renderer = _TextChunks(settings, body.logprobs, jobs)
+    return await _answer(request, body.model, jobs, body.stream, renderer)
+
+
+def choices_of(job: Job, n: int) -> list[Job]:
+    """`job` and n - 1 copies of it (new ids), each its own sample: seed + i when seeded."""
+    jobs = [job]
+    for i in range(1, n):
+        seed = job.options.seed
+        options = job.options.model_copy(
+            update={"seed": None if seed is None else (seed + i) % 2**32}
+        )
+        jobs.append(job.model_copy(update={"id": uuid.uuid4().hex, "options": options}))
+    return jobs
+
+
+def _with_idempotency_keys(jobs: list[Job], scoped: str) -> list[Job]:
+    # The first choice keeps the request's key; the others are keyed by their place.
+    return [
+        job.model_copy(update={"idempotency_key": scoped if i == 0 else f"{scoped}:{i}"})
+        for i, job in enumerate(jobs)
+    ]
+
+
+async def _answer(
+    request: Request, model: str | None, jobs: list[Job], stream: bool, renderer: _Renderer
+) -> Response:
+    """Queue `jobs` and answer with their replies, whole or streamed."""
+    settings, celery, client = _state(request)
     sync_client = request.app.state.sync_redis
-    queue = await _queue_for(body.model, sync_client)
-    if body.stream:
+    queue = await _queue_for(model, sync_client)
+    if stream:
         return StreamingResponse(
-            _stream(celery, client, sync_client, job, settings, queue),
+            _stream(celery, client, sync_client, jobs, settings, queue, renderer),
             media_type="text/event-stream",
         )
-    job_id = await _submit(celery, job, sync_client, queue)
-    reply = await _await(client, job_id, settings.job_timeout)
-    return JSONResponse(completion_body(reply))
+    ids = [await _submit(celery, job, sync_client, queue) for job in jobs]
+    replies = await asyncio.gather(*(_await(client, i, settings.job_timeout) for i in ids))
+    for reply in replies:
+        if reply.finish_reason == "context_length_exceeded":
+            raise _too_long(f"the prompt does not fit the model's context ({reply.text})")
+    return JSONResponse(renderer.whole(list(replies)))
+
+
+def _too_long(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "context_length_exceeded", "messages")
+
+
+async def _check_before_queueing(jobs: list[Job], settings: Settings) -> None:
+    """400 for what a worker could only refuse: a response format or tools that cannot
+    become a grammar, a prompt that cannot fit the model's context (counted with the
+    model's own vocabulary, when this host has the model file)."""
+    seen: set[str] = set()
+    for job in jobs:
+        prompt = job.prompt
+        if prompt in seen:
+            continue  # the n choices of one prompt are one check
+        seen.add(prompt)
+        problem = await asyncio.to_thread(_grammar_problem, job.options)
+        if problem is not None:
+            raise ApiError(400, problem, "invalid_request_error", None, _grammar_param(job))
+        counted = await asyncio.to_thread(_overflow, job.messages, job.options, settings)
+        if counted is not None:
+            tokens, limit = counted
+            raise _too_long(
+                f"This model's maximum context length is {limit} tokens for the prompt. "
+                f"However, your {'prompt' if job.options.raw_prompt else 'messages'} "
+                f"resulted in {tokens} tokens. Please reduce the length of the "
+                f"{'prompt' if job.options.raw_prompt else 'messages'}."
+            )
+
+
+def _grammar_param(job: Job) -> str:
+    return "tools" if job.options.tools else "response_format"
+
+
+def _grammar_problem(options: GenerationOptions) -> str | None:
+    """Why `options` cannot be enforced by a grammar, or None."""
+    if options.response_format.type == "text" and not options.tools:
+        return None
+    from answer.engines.grammar import grammar_for
+
+    try:
+        grammar_for(options)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _overflow(
+    messages: Sequence[ChatMessage], options: GenerationOptions, settings: Settings
+) -> tuple[int, int] | None:
+    """(tokens, limit) when the prompt cannot fit, None when it fits or cannot be counted
+    here (no model file on this host: the worker's reply says so instead)."""
+    from answer.engines import tokenizer
+
+    try:
+        tokens = tokenizer.prompt_tokens(messages, options, settings)
+    except Exception as error:  # noqa: BLE001 - counting is a courtesy; the worker decides
+        log.warning("could not count the prompt's tokens (%s)", type(error).__name__)
+        return None
+    if tokens is None:
+        return None
+    limit = tokenizer.context_limit(options, settings)
+    return (tokens, limit) if tokens > limit else None
 
 
 def _sender(request: Request, caller: str) -> str:
@@ -223,7 +382,7 @@ def _sender(request: Request, caller: str) -> str:
 
 
 async def _scoped_idempotency_key(
-    client: aioredis.Redis, caller: str, key: str, body: ChatCompletionRequest
+    client: aioredis.Redis, caller: str, key: str, body: ChatCompletionRequest | CompletionRequest
 ) -> str:
     """The job's idempotency key: `key` scoped to the caller's API key and to this body.
 
@@ -283,43 +442,193 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
+def _event(raw: bytes | str) -> tuple[str, str, list[TokenLogprob]]:
+    """The kind, text and logprobs (when the job asked for them) of a streaming event."""
+    event = decode_stream_event(raw)
+    return event.kind, event.text, event.logprobs or []
+
+
+@dataclass
+class _Choice:
+    """What of one choice's answer a stream has sent."""
+
+    index: int
+    job: Job
+    sent: str = ""
+    logprobs_sent: int = 0
+    ended: bool = False
+    # With tools offered, an answer that starts with "{" is a call: its JSON is not text.
+    held: str = ""
+    is_call: bool = False
+    pending: list[TokenLogprob] = field(default_factory=list)
+
+
+class _Renderer(Protocol):
+    """How one API writes its answers: whole, or as stream chunks."""
+
+    def whole(self, replies: list[Reply]) -> dict[str, Any]:
+        """The whole answer of these replies, one choice each."""
+
+    def start(self, choice: _Choice) -> dict[str, Any] | None:
+        """The chunk that opens `choice`, if any."""
+
+    def delta(self, choice: _Choice, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        """The chunk of a piece of `choice`'s text (`choice.sent` already holds it)."""
+
+    def tail(self, choice: _Choice, reply: Reply) -> list[dict[str, Any]]:
+        """The chunks of what follows the text (tool calls)."""
+
+    def finish(self, choice: _Choice, reply: Reply, usage: dict[str, int] | None) -> dict[str, Any]:
+        """The chunk that closes `choice` (with the usage of all, on the last)."""
+
+    def strips(self, choice: _Choice) -> bool:
+        """Whether the leading blanks of `choice`'s answer are dropped."""
+
+
+class _ChatChunks:
+    """``chat.completion`` objects and their chunks."""
+
+    def __init__(self, settings: Settings, logprobs: bool, jobs: list[Job]) -> None:
+        self.model, self.logprobs, self.id = model_label(settings), logprobs, jobs[0].id
+
+    def whole(self, replies: list[Reply]) -> dict[str, Any]:
+        return completion_body(replies, self.logprobs)
+
+    def _chunk(self, choice: _Choice, delta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        return chunk_body(self.id, self.model, delta, index=choice.index, **fields)
+
+    def start(self, choice: _Choice) -> dict[str, Any] | None:
+        return self._chunk(choice, {"role": "assistant", "content": ""})
+
+    def delta(self, choice: _Choice, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        return self._chunk(choice, {"content": text},
+                           logprobs=logprobs if self.logprobs else None)  # fmt: skip
+
+    def tail(self, choice: _Choice, reply: Reply) -> list[dict[str, Any]]:
+        chunks = []
+        for place, call in enumerate(tool_calls_body(reply.tool_calls)):
+            name = {"name": call["function"]["name"], "arguments": ""}
+            chunks.append(
+                self._chunk(
+                    choice,
+                    {
+                        "tool_calls": [
+                            {"index": place, "id": call["id"], "type": "function", "function": name}
+                        ]
+                    },
+                )
+            )
+            arguments = {"arguments": call["function"]["arguments"]}
+            chunks.append(self._chunk(choice, {"tool_calls": [
+                {"index": place, "function": arguments}]}))  # fmt: skip
+        return chunks
+
+    def finish(self, choice: _Choice, reply: Reply, usage: dict[str, int] | None) -> dict[str, Any]:
+        return self._chunk(choice, {}, finish_reason=finish_reason(reply), usage=usage)
+
+    def strips(self, choice: _Choice) -> bool:
+        return not choice.job.continues_answer  # a continuation's first blank is its own
+
+
+class _TextChunks:
+    """``text_completion`` objects and their chunks, with the legacy logprobs."""
+
+    def __init__(self, settings: Settings, logprobs: int | None, jobs: list[Job]) -> None:
+        self.model, self.top, self.jobs = model_label(settings), logprobs, jobs
+        self.id = jobs[0].id
+        self.created = int(jobs[0].created_at.timestamp())
+
+    def _legacy(self, choice: _Choice, entries: list[TokenLogprob] | None, offset: int
+                ) -> dict[str, Any] | None:  # fmt: skip
+        if self.top is None:
+            return None
+        return legacy_logprobs(entries, self.top, len(choice.job.prompt) + offset)
+
+    def whole(self, replies: list[Reply]) -> dict[str, Any]:
+        choices = [
+            text_choice(i, reply.text, finish_reason(reply),
+                        self._legacy(_Choice(i, job), reply.logprobs, 0))
+            for i, (reply, job) in enumerate(zip(replies, self.jobs, strict=True))
+        ]  # fmt: skip
+        return text_completion_body(self.id, replies[0].model, self.created, choices,
+                                    usage_of(replies))  # fmt: skip
+
+    def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None
+               ) -> dict[str, Any]:  # fmt: skip
+        return text_completion_body(self.id, self.model, self.created, [choice], usage)
+
+    def start(self, choice: _Choice) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, choice: _Choice, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        offset = len(choice.sent) - len(text)
+        return self._chunk(text_choice(choice.index, text, None,
+                                       self._legacy(choice, logprobs, offset)))  # fmt: skip
+
+    def tail(self, choice: _Choice, reply: Reply) -> list[dict[str, Any]]:
+        return []
+
+    def finish(self, choice: _Choice, reply: Reply, usage: dict[str, int] | None) -> dict[str, Any]:
+        return self._chunk(text_choice(choice.index, "", finish_reason(reply), None), usage)
+
+    def strips(self, choice: _Choice) -> bool:
+        return False  # a prompt's continuation keeps every character
+
+
 async def _stream(
     celery: Celery,
     client: aioredis.Redis,
     sync_client: redis.Redis,
-    job: Job,
+    jobs: list[Job],
     settings: Settings,
     queue: str,
+    renderer: _Renderer,
 ) -> AsyncIterator[str]:
-    """Server-sent events: the text as the worker generates it, then the finish and usage."""
-    model = model_label(settings)
+    """Server-sent events: each choice's text as its worker generates it, then each
+    choice's tool calls and finish, and the usage of all with the last."""
+    choices = [_Choice(i, job) for i, job in enumerate(jobs)]
+    by_channel = {stream_channel(c.job.id): c for c in choices}
     async with client.pubsub() as pubsub:
         # Subscribe before enqueueing so that not one delta is missed.
-        await pubsub.subscribe(stream_channel(job.id))
+        await pubsub.subscribe(*[stream_channel(c.job.id) for c in choices])
         try:
-            job_id = await _submit(celery, job, sync_client, queue)
+            ids = [await _submit(celery, c.job, sync_client, queue) for c in choices]
         except ApiError as error:
             yield _sse(error_body(error.message, error.kind))
             return
-        yield _sse(chunk_body(job_id, model, {"role": "assistant", "content": ""}))
-        sent = ""
-        reply_task = asyncio.create_task(await_reply(client, job_id, settings.job_timeout))
+        for choice in choices:
+            start = renderer.start(choice)
+            if start is not None:
+                yield _sse(start)
+        tasks = [
+            asyncio.create_task(await_reply(client, job_id, settings.job_timeout)) for job_id in ids
+        ]
         try:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                 if message is None:
-                    if reply_task.done():
-                        break  # every delta was published before the reply was stored
+                    # Every delta was published before its reply was stored.
+                    if all(c.ended or t.done() for c, t in zip(choices, tasks, strict=True)):
+                        break
                     continue
-                kind, text = decode_event(message["data"])
+                channel = message["channel"]
+                current = by_channel.get(
+                    channel.decode() if isinstance(channel, bytes) else str(channel)
+                )
+                if current is None:
+                    continue
+                kind, text, logprobs = _event(message["data"])
                 if kind == "end":
-                    break  # the whole text is here; the reply is being stored
-                if kind == "delta":
-                    text = text if sent else text.lstrip()
+                    current.ended = True  # the whole text is here; the reply is being stored
+                elif kind == "delta":
+                    text = _shown(current, text, renderer.strips(current))
+                    current.pending += logprobs  # a held or blank piece's go with the next
                     if text:
-                        sent += text
-                        yield _sse(chunk_body(job_id, model, {"content": text}))
-            reply = await reply_task
+                        current.sent += text
+                        current.logprobs_sent += len(current.pending)
+                        yield _sse(renderer.delta(current, text, current.pending))
+                        current.pending = []
+            replies = [await task for task in tasks]
         except (JobTimeoutError, JobFailedError) as error:
             yield _sse(error_body(str(error), "server_error"))
             return
@@ -327,18 +636,44 @@ async def _stream(
             yield _sse(error_body("the queue became unavailable", "server_error"))
             return
         finally:
-            reply_task.cancel()
-    # Deltas never published (a duplicate request, a fallback answer) still reach the client.
-    if reply.text.startswith(sent) and reply.text != sent:
-        yield _sse(chunk_body(job_id, model, {"content": reply.text[len(sent) :]}))
-    usage = {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
-    finish = "length" if reply.finish_reason == "length" else "stop"
-    yield _sse(chunk_body(job_id, model, {}, finish, usage))
+            for task in tasks:
+                task.cancel()
+    for reply in replies:
+        if reply.finish_reason == "context_length_exceeded":
+            message = f"the prompt does not fit the model's context ({reply.text})"
+            body = error_body(message, "invalid_request_error", "context_length_exceeded")
+            yield _sse(body)
+            return
+    for place, (choice, reply) in enumerate(zip(choices, replies, strict=True)):
+        # Deltas never published (a duplicate request, a fallback answer) still reach the
+        # client, and the logprobs of tokens the stream did not carry.
+        rest = reply.text[len(choice.sent) :] if reply.text.startswith(choice.sent) else ""
+        logprobs = (reply.logprobs or [])[choice.logprobs_sent :]
+        if rest or logprobs:
+            choice.sent += rest
+            yield _sse(renderer.delta(choice, rest, logprobs))
+        for chunk in renderer.tail(choice, reply):
+            yield _sse(chunk)
+        last = place == len(choices) - 1
+        yield _sse(renderer.finish(choice, reply, usage_of(replies) if last else None))
     yield _sse("[DONE]")
 
 
-__all__ = ["ApiError", "HttpChannel", "RequestTooLargeError", "body_limit", "router"]
+def _shown(choice: _Choice, text: str, strip: bool) -> str:
+    """What of a delta to send: leading blanks of the answer dropped (when `strip`), and
+    nothing of an answer that starts as a tool call (the reply brings the call)."""
+    if choice.is_call:
+        return ""
+    tools = choice.job.options.tools and choice.job.options.tool_choice != "none"
+    if not choice.sent and tools:
+        choice.held += text
+        if not choice.held.strip():
+            return ""
+        if choice.held.lstrip().startswith("{"):
+            choice.is_call = True
+            return ""
+        text, choice.held = choice.held, ""
+    return text.lstrip() if strip and not choice.sent else text
+
+
+__all__ = ["ApiError", "HttpChannel", "RequestTooLargeError", "body_limit", "choices_of", "router"]

@@ -75,13 +75,15 @@ BAD_BODIES = [
     ("no messages", b'{"model": "x"}', "application/json"),
     ("empty messages", b'{"messages": []}', "application/json"),
     ("unknown role", b'{"messages": [{"role": "wizard", "content": "hi"}]}', "application/json"),
-    ("ends with assistant", b'{"messages": [{"role": "assistant", "content": "hi"}]}',
+    ("ends with system", b'{"messages": [{"role": "system", "content": "hi"}]}',
+     "application/json"),
+    ("tool without its call id", b'{"messages": [{"role": "tool", "content": "42"}]}',
      "application/json"),
     ("blank prompt", b'{"messages": [{"role": "user", "content": "  "}]}', "application/json"),
     ("content not text", b'{"messages": [{"role": "user", "content": 42}]}', "application/json"),
     ("temperature 9", b'{"temperature": 9, "messages": [{"role": "user", "content": "x"}]}',
      "application/json"),
-    ("n of 3", b'{"n": 3, "messages": [{"role": "user", "content": "x"}]}', "application/json"),
+    ("n of 9", b'{"n": 9, "messages": [{"role": "user", "content": "x"}]}', "application/json"),
     ("bad utf-8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "application/json"),
 ]  # fmt: skip
 
