@@ -2,9 +2,10 @@
 
 import sys
 
-from bench import ask, llama, sms_burst, soak
+from bench import ask, grammar, llama, sms_burst, soak
 
 # The soak is long by nature: a short one here; its 30-minute run is done by hand (README).
-for benchmark, args in ((ask, []), (sms_burst, []), (llama, []), (soak, ["--minutes", "3"])):
+benchmarks = ((ask, []), (sms_burst, []), (llama, []), (grammar, []), (soak, ["--minutes", "3"]))
+for benchmark, args in benchmarks:
     sys.argv = [benchmark.__name__, *args]
     benchmark.main()
