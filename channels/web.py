@@ -181,8 +181,13 @@ def _add_guards(app: FastAPI, settings: Settings) -> None:
         return completions_limit if path == "/v1/chat/completions" else other_limit
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
-    app.add_middleware(ApiKeyGuard, keys=ApiKeys(settings), protected=protected)
+    keys = ApiKeys(settings)
+    app.add_middleware(ApiKeyGuard, keys=keys, protected=protected)
     app.add_middleware(SafeErrors)
+    if "*" in settings.http_cors_origins and not keys.configured:
+        log.warning("GPT4P_HTTP_CORS_ORIGINS=* without an API key: any web page a user of this "
+                    "machine opens can use the API; set GPT4P_HTTP_API_KEY or name the "
+                    "origins")  # fmt: skip
     if settings.http_cors_origins:
         app.add_middleware(
             CORSMiddleware,

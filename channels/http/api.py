@@ -317,6 +317,7 @@ async def _check_before_queueing(jobs: list[Job], settings: Settings) -> None:
     """400 for what a worker could only refuse: a response format or tools that cannot
     become a grammar, a prompt that cannot fit the model's context (counted with the
     model's own vocabulary, when this host has the model file)."""
+    _check_logprobs_volume(jobs, settings)
     seen: set[str] = set()
     for job in jobs:
         prompt = job.prompt
@@ -335,6 +336,24 @@ async def _check_before_queueing(jobs: list[Job], settings: Settings) -> None:
                 f"resulted in {tokens} tokens. Please reduce the length of the "
                 f"{'prompt' if job.options.raw_prompt else 'messages'}."
             )
+
+
+# Log probabilities one request may ask for in all (tokens x (1 + top_logprobs) x choices):
+# about 2 KB each in the stored result at top_logprobs 20.
+MAX_LOGPROB_ENTRIES = 100_000
+
+
+def _check_logprobs_volume(jobs: list[Job], settings: Settings) -> None:
+    """400 when the logprobs asked for would make a result of hundreds of megabytes."""
+    asked = [job.options for job in jobs if job.options.logprobs]
+    entries = sum(
+        min(o.max_tokens or settings.max_tokens, settings.max_tokens) * (1 + o.top_logprobs)
+        for o in asked
+    )
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise ApiError(400, f"logprobs for at most {MAX_LOGPROB_ENTRIES} tokens in all "
+                       "(answer tokens x (1 + top_logprobs) x choices): ask for fewer",
+                       "invalid_request_error", None, "top_logprobs")  # fmt: skip
 
 
 def _grammar_param(job: Job) -> str:
