@@ -37,6 +37,11 @@ class PromptTooLongError(ValueError):
     """The conversation does not fit the model's context window, even cut to its last turn."""
 
 
+class GrammarTooSlowError(ValueError):
+    """The job's grammar (its JSON schema, its tools) costs the sampler too much time per token:
+    the engine ended the job so that the others sharing its batch go on."""
+
+
 class GenerationTimeLimitError(RuntimeError):
     """The generation ran past its time limit (GPT4P_TASK_SOFT_TIME_LIMIT); the text
     produced so far has already gone to the caller's `on_text`."""

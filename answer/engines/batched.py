@@ -21,7 +21,12 @@ A job with a grammar (``options.grammar``: JSON, a schema, tool calls) has its o
 grammar sampler in its own chain: the token the job would pick anyway is checked
 against the grammar first, and only when the grammar refuses it is the grammar applied
 to the whole vocabulary (llama.cpp's common sampler does the same), so the other jobs
-of the batch never see it. With ``options.logprobs`` a job also gets each token's log
+of the batch never see it. That pass runs over the whole vocabulary in one C call and
+costs more the more ways the grammar can go on (an ambiguous schema): a pass over
+GRAMMAR_STEP_BUDGET_S, or a job's grammar work past its budget in all, ends that
+job with `GrammarTooSlowError`, and at most GRAMMAR_JOBS jobs with a grammar decode at once
+(the others wait for a slot), since every job in the batch waits for each step. With
+``options.logprobs`` a job also gets each token's log
 probability in the model's distribution at that step, and the most likely tokens there.
 """
 
@@ -32,8 +37,11 @@ import ctypes
 import logging
 import os
 import queue
+import sys
+import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +55,7 @@ from llama_cpp._logger import set_verbose
 from answer.engines import (
     Generation,
     GenerationTimeLimitError,
+    GrammarTooSlowError,
     TextDelta,
     TextSink,
     offloaded_layers,
@@ -66,6 +75,17 @@ BATCH_TOKENS = 512  # tokens per llama_decode call (prompt chunks + one per gene
 # A job's text is handed to its task thread at most this often (the first piece at once):
 # waking a thread per token takes a core from the decode on a small machine.
 TEXT_INTERVAL_S = 0.05
+# A grammar's pass over the whole vocabulary runs in the engine thread, so every job of the
+# batch waits for it: one pass over this ends the job, and so does grammar work in all
+# (passes, checks and accepts) past GRAMMAR_JOB_BUDGET_S plus GRAMMAR_TOKEN_BUDGET_S per token
+# generated (a long answer to a plain schema costs some 15 ms a token on a small CPU); at most
+# GRAMMAR_JOBS jobs with a grammar decode at once.
+GRAMMAR_STEP_BUDGET_S = 0.25
+GRAMMAR_JOB_BUDGET_S = 3.0
+GRAMMAR_TOKEN_BUDGET_S = 0.05
+GRAMMAR_JOBS = 2
+# _logprob looks for the likeliest tokens through the largest logit of each block of this many.
+LOGPROB_BLOCK = 256
 FinishReason = Literal["stop", "length"]
 # One token's log probability and the most likely (token, log probability) at its step,
 # as the engine thread records it; the caller's thread makes the `TokenLogprob`s.
@@ -75,6 +95,35 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 class EngineStoppedError(RuntimeError):
     """The engine was stopped while a job waited for it."""
+
+
+_STDERR = threading.Lock()
+
+
+def init_grammar(vocab: Any, grammar: str) -> Any:
+    """llama.cpp's grammar sampler for the GBNF `grammar`, or None when llama.cpp refuses it.
+
+    llama.cpp prints a grammar it cannot parse, whole, to stderr (fprintf, not its log
+    callback, so `set_verbose` cannot stop it): the caller's enum values and property names
+    would land in the worker's log. So stderr goes to a temporary file during the parse and
+    comes back only when the grammar was accepted; a refusal is logged in one line.
+    """
+    with _STDERR, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if not sampler:
+            log.error("llama.cpp refused a grammar of %d characters (not logged)", len(grammar))
+            return None
+        captured.seek(0)
+        if text := captured.read():  # what other threads wrote meanwhile
+            os.write(2, text)
+        return sampler
 
 
 @dataclass
@@ -97,6 +146,7 @@ class _Request:
     unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
     unsent_logprobs: list[RawLogprob] = field(default_factory=list)  # and its tokens'
     sent_at: float | None = None  # when text was last handed over (None: the first goes now)
+    grammar_s: float = 0.0  # time spent in the job's grammar so far
 
 
 @dataclass
@@ -169,6 +219,9 @@ class BatchedLlamaEngine:
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq) for seq in range(self.parallel)]
         self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._waiting: deque[_Request] = deque()  # grammar jobs kept out by GRAMMAR_JOBS
+        self._scratch = np.empty(self._n_vocab, dtype=np.float32)  # for _logprob
+        self._blocks = np.arange(0, self._n_vocab, LOGPROB_BLOCK)
         self._stopped = threading.Event()
         self._eog_tokens: list[int] | None = None
         self.text_interval = TEXT_INTERVAL_S
@@ -329,16 +382,35 @@ class BatchedLlamaEngine:
             free = [slot for slot in self._slots if slot.request is None]
             if not free:
                 return
-            try:
-                request = self._incoming.get(block=not busy, timeout=None if not busy else 0)
-            except queue.Empty:
+            request = self._next(block=not busy)
+            if request is None:
                 return
-            if request is None:  # close()
-                return
-            if request.cancelled.is_set():
-                continue
             self._start(request, free)
             busy = True
+
+    def _next(self, block: bool) -> _Request | None:
+        """The next job to start: grammar jobs kept waiting first, as soon as they may go."""
+        grammars = sum(1 for slot in self._slots if slot.grammar is not None)
+        for kept in list(self._waiting):
+            if kept.cancelled.is_set():
+                self._waiting.remove(kept)
+            elif grammars < GRAMMAR_JOBS:
+                self._waiting.remove(kept)
+                return kept
+        while True:
+            try:
+                request = self._incoming.get(block=block and not self._waiting,
+                                             timeout=None if block else 0)  # fmt: skip
+            except queue.Empty:
+                return None
+            if request is None:  # close()
+                return None
+            if request.cancelled.is_set():
+                continue
+            if request.grammar is not None and grammars >= GRAMMAR_JOBS:
+                self._waiting.append(request)
+                continue
+            return request
 
     def _start(self, request: _Request, free: list[_Slot]) -> None:
         tokens = request.tokens
@@ -366,11 +438,8 @@ class BatchedLlamaEngine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.sampler = self._sampler(request)
         if request.grammar is not None:
-            slot.grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, request.grammar.encode("utf-8"), b"root"
-            )
-            if not slot.grammar:
-                slot.grammar = None
+            slot.grammar = init_grammar(self._vocab, request.grammar)
+            if slot.grammar is None:
                 request.events.put(("error", ValueError("the grammar could not be parsed")))
                 self._release(slot, keep=True)
 
@@ -488,13 +557,20 @@ class BatchedLlamaEngine:
         return bool(np.isfinite(data[0].logit))
 
     def _constrained(self, slot: _Slot, logits: np.ndarray, index: int) -> int | None:
-        """The job's pick, within its grammar; None when the grammar allows no token."""
+        """The job's pick, within its grammar; None when the grammar allows no token.
+
+        Raises `GrammarTooSlowError` when the grammar's pass over the vocabulary takes
+        over GRAMMAR_STEP_BUDGET_S, or the job's grammar work passes its budget.
+        """
         request = slot.request
         assert request is not None
         greedy = request.temperature <= 0
         token = (self._greedy(request, logits) if greedy
                  else llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index))  # fmt: skip
-        if not self._allows(slot.grammar, token, float(logits[token])):
+        started = time.monotonic()
+        allowed = self._allows(slot.grammar, token, float(logits[token]))
+        request.grammar_s += time.monotonic() - started
+        if not allowed:
             # The grammar refuses the free pick: apply it to the whole vocabulary, then pick.
             array = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
             array["id"] = np.arange(self._n_vocab, dtype=np.int32)
@@ -502,7 +578,15 @@ class BatchedLlamaEngine:
             array["p"] = 0.0
             data = array.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
             candidates = llama_cpp.llama_token_data_array(data, self._n_vocab, -1, False)
+            started = time.monotonic()
             llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
+            spent = time.monotonic() - started
+            request.grammar_s += spent
+            if spent > GRAMMAR_STEP_BUDGET_S:
+                raise GrammarTooSlowError(
+                    f"its response format is too complex to follow ({spent:.2f} s for one "
+                    f"token, the limit is {GRAMMAR_STEP_BUDGET_S} s)"
+                )
             best = int(array["logit"].argmax())
             if not np.isfinite(array["logit"][best]):
                 return None
@@ -512,21 +596,37 @@ class BatchedLlamaEngine:
                 llama_cpp.llama_sampler_apply(slot.sampler, ctypes.byref(candidates))
                 token = int(data[candidates.selected].id)
                 llama_cpp.llama_sampler_accept(slot.sampler, token)
+        started = time.monotonic()
         llama_cpp.llama_sampler_accept(slot.grammar, token)
+        request.grammar_s += time.monotonic() - started
+        tokens = slot.generated + 1
+        if request.grammar_s > GRAMMAR_JOB_BUDGET_S + GRAMMAR_TOKEN_BUDGET_S * tokens:
+            raise GrammarTooSlowError(
+                f"its response format is too complex to follow ({request.grammar_s:.1f} s "
+                f"for {tokens} tokens)"
+            )
         return token
 
-    @staticmethod
-    def _logprob(logits: np.ndarray, token: int, top: int) -> RawLogprob:
-        """`token`'s log probability in the model's distribution, and the `top` likeliest."""
-        values = logits.astype(np.float64)
-        peak = values.max()
-        normaliser = peak + np.log(np.exp(values - peak).sum())
+    def _logprob(self, logits: np.ndarray, token: int, top: int) -> RawLogprob:
+        """`token`'s log probability in the model's distribution, and the `top` likeliest.
+
+        This runs per token in the engine thread, where every job of the batch waits for
+        it: float32 in a buffer kept for it, and the `top` likeliest found without sorting
+        or partitioning the vocabulary (numpy's argpartition alone takes some 2 ms).
+        """
+        maxima = np.maximum.reduceat(logits, self._blocks)  # each block's largest logit
+        peak = float(maxima.max())
+        shifted = np.subtract(logits, peak, out=self._scratch)
+        normaliser = peak + float(np.log(np.exp(shifted, out=shifted).sum()))
         best: list[tuple[int, float]] = []
         if top:
-            ids = np.argpartition(-values, top)[:top]
-            ids = ids[np.argsort(-values[ids], kind="stable")]
-            best = [(int(t), float(values[t] - normaliser)) for t in ids]
-        return token, float(values[token] - normaliser), best
+            # The top-th largest block maximum: at least `top` logits reach it, so the
+            # `top` largest are among those that do (usually a few dozen).
+            floor = np.partition(maxima, -top)[-top] if top <= len(maxima) else -np.inf
+            ids = np.flatnonzero(logits >= floor)
+            ids = ids[np.argsort(-logits[ids], kind="stable")[:top]]
+            best = [(int(t), float(logits[t]) - normaliser) for t in ids]
+        return token, float(logits[token]) - normaliser, best
 
     def _sample(self, slot: _Slot, index: int) -> None:
         request = slot.request
@@ -535,7 +635,13 @@ class BatchedLlamaEngine:
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         picked: int | None
         if slot.grammar is not None:
-            picked = self._constrained(slot, logits, index)
+            try:
+                picked = self._constrained(slot, logits, index)
+            except GrammarTooSlowError as error:
+                log.warning("grammar job ended: %s", error)
+                request.events.put(("error", error))
+                self._release(slot, keep=True)
+                return
         elif request.temperature <= 0:
             picked = self._greedy(request, logits)
         else:

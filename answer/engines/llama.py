@@ -10,9 +10,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import llama_cpp
 from llama_cpp import Llama, LlamaGrammar
 
 from answer.engines import Generation, TextSink, offloaded_layers
+from answer.engines.batched import init_grammar
 from answer.engines.prompting import PromptFitter
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.model_files import model_label, resolve_model_path
@@ -76,6 +78,13 @@ class LlamaEngine:
         settings = self._settings
         with self._lock:
             prompt, tokens, max_tokens = self._fitter.fit(messages, options)
+            if options.grammar is not None:
+                # Parsed once here first, quietly: llama.cpp prints a grammar it refuses
+                # (the caller's enum values and property names) to stderr.
+                checked = init_grammar(self._llm._model.vocab, options.grammar)
+                if checked is None:
+                    raise ValueError("the grammar could not be parsed")
+                llama_cpp.llama_sampler_free(checked)
             grammar = (LlamaGrammar.from_string(options.grammar, verbose=False)
                        if options.grammar is not None else None)  # fmt: skip
             # ignore_eos must not fight a grammar's end: the grammar decides where it ends.

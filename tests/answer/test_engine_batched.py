@@ -11,8 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from answer.engines import Generation, GenerationTimeLimitError, TextDelta, delta_logprobs
-from answer.engines.batched import TEXT_INTERVAL_S, BatchedLlamaEngine
+from answer.engines import (
+    Generation,
+    GenerationTimeLimitError,
+    GrammarTooSlowError,
+    TextDelta,
+    delta_logprobs,
+)
+from answer.engines.batched import GRAMMAR_JOBS, TEXT_INTERVAL_S, BatchedLlamaEngine
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.settings import Settings
 
@@ -248,3 +254,59 @@ def test_logprobs_in_openai_shape_and_the_greedy_token_is_the_most_likely(
     assert all(isinstance(d, TextDelta) for d in deltas)
     plain = engine.generate(ask("What is the capital of France?"), GREEDY)
     assert plain.logprobs is None and plain.text.startswith(generation.text)
+
+
+# Ambiguous on purpose: a thousand ways to go on after every letter, so each pass of the
+# grammar over the vocabulary takes on the order of a second.
+SLOW = 'root ::= "{" ( ' + " | ".join(f'[a-z]+ "{i}"' for i in range(1000)) + ' ) "}"'
+
+
+def test_a_job_whose_grammar_is_too_slow_ends_and_the_others_go_on(
+    engine: BatchedLlamaEngine,
+) -> None:
+    question = ask("What do bees make?")
+    alone = engine.generate(question, GREEDY).text
+    hostile = GenerationOptions(temperature=0.0, max_tokens=40, grammar=SLOW)
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(engine.generate, question, options)
+                for options in (GREEDY, hostile, GREEDY)]  # fmt: skip
+        with pytest.raises(GrammarTooSlowError, match="too complex"):
+            jobs[1].result()
+        assert [jobs[0].result().text, jobs[2].result().text] == [alone, alone]
+    assert engine.busy_slots == 0  # its slot is free again
+
+
+def test_at_most_two_grammar_jobs_decode_at_once_and_all_are_answered(
+    engine: BatchedLlamaEngine,
+) -> None:
+    most = 0
+    step = engine._step
+
+    def counting() -> None:  # how many jobs with a grammar share each step
+        nonlocal most
+        most = max(most, sum(1 for slot in engine._slots if slot.grammar is not None))
+        step()
+
+    engine._step = counting  # type: ignore[method-assign]
+    try:
+        constrained = GenerationOptions(temperature=0.0, max_tokens=60, grammar=PERSON)
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(engine.generate, ask("Describe a person."), options)
+                    for options in (constrained, constrained, constrained, GREEDY)]  # fmt: skip
+            texts = [job.result().text for job in jobs]
+    finally:
+        del engine._step
+    assert most == GRAMMAR_JOBS == 2
+    assert texts[0] == texts[1] == texts[2] and json.loads(texts[0])["name"]
+    assert texts[3].strip()
+
+
+def test_a_refused_grammar_is_an_error_and_never_reaches_the_log(
+    engine: BatchedLlamaEngine, capfd: pytest.CaptureFixture[str]
+) -> None:
+    broken = 'root ::= "secret-enum-value" | ( "unclosed"'
+    with pytest.raises(ValueError, match="could not be parsed"):
+        engine.generate(ask("Hello"), GenerationOptions(max_tokens=8, grammar=broken))
+    _, err = capfd.readouterr()
+    assert "secret-enum-value" not in err and "unclosed" not in err
+    assert engine.generate(ask("What do bees make?"), GREEDY).text.strip()
