@@ -234,6 +234,14 @@ def _generate(
         log.info("job %s refused: %s", job.id, error)
         text = TOO_LONG_REPLY.format(reason=error)
         finish_reason, prompt_tokens, completion_tokens = "context_length_exceeded", 0, 0
+    except ValueError as error:
+        # The engine could not follow the job's grammar (llama.cpp refused it, or it was
+        # too slow to follow): a sentence, and the slot is already free for the others.
+        log.warning("job %s cannot be answered as asked: %s", job.id, error)
+        text = REFUSED_REPLY.format(reason=str(error).rstrip("."))
+        finish_reason, prompt_tokens, completion_tokens = "fallback", 0, 0
+        if on_text is not None:
+            on_text(f"\n{text}")
     except GenerationTimeLimitError:
         # Out of time: what was generated so far beats nothing; an apology beats a traceback.
         partial = "".join(produced).strip()

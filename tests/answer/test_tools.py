@@ -143,7 +143,7 @@ WEATHER = ToolSpec(
     description="The current weather in a city.",
     parameters={
         "type": "object",
-        "properties": {"city": {"type": "string"},
+        "properties": {"city": {"type": "string", "maxLength": 40},
                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city"],
         "additionalProperties": False,
@@ -152,8 +152,8 @@ WEATHER = ToolSpec(
 CALC = ToolSpec(
     name="calculate",
     description="Evaluates an arithmetic expression.",
-    parameters={"type": "object", "properties": {"expression": {"type": "string"}},
-                "required": ["expression"]},
+    parameters={"type": "object", "properties": {"expression": {"type": "string",
+                "maxLength": 60}}, "required": ["expression"], "additionalProperties": False},
 )  # fmt: skip
 WEATHER_CALL = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
 TWO_CALLS = (

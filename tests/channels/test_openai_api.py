@@ -242,7 +242,7 @@ WEATHER: ChatCompletionToolParam = {
         "description": "The current weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            "properties": {"city": {"type": "string", "maxLength": 40}},
             "required": ["city"],
             "additionalProperties": False,
         },
