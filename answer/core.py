@@ -119,6 +119,8 @@ def _planned(job: Job, planned: HelperCall | HelperOutcome) -> Reply | HelperCal
 def _route(
     job: Job, engine: Engine, helpers: HelperGateway, offer_tools: bool, on_text: TextSink | None
 ) -> Reply | HelperCall | None:
+    if job.messages[-1].role != "user":
+        return None  # a tool's answer or the assistant's words to continue: for the model
     explicit = parse_explicit(job.prompt)
     if explicit is not None:
         name, text = explicit

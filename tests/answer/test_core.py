@@ -127,3 +127,29 @@ def test_an_answer_cut_by_the_time_limit_is_sent_as_far_as_it_got(engine: Engine
 def test_a_time_limit_before_any_text_gets_an_apology(engine: Engine) -> None:
     reply = answer(job(), engine)
     assert reply.text == TIMED_OUT_REPLY
+
+
+class _NoHelpers:
+    """A helper gateway that fails the test if anything is routed to a helper."""
+
+    def plan(self, *_: object, **__: object) -> None:
+        raise AssertionError("routed to a helper")
+
+    def for_media(self, *_: object) -> None:
+        raise AssertionError("routed by media")
+
+    def live(self) -> list[object]:
+        return []
+
+
+@pytest.mark.parametrize("role", ["assistant", "tool"])
+def test_a_conversation_ending_with_a_slash_word_not_the_users_goes_to_the_model(
+    role: str,
+) -> None:
+    # "/time" at the start of the assistant's words to continue, or of a tool's answer, is
+    # no request for the time helper: only a person's own message names a helper.
+    question = ChatMessage(role="user", content="What did the clock say?")
+    last = ChatMessage(role=role, content="/time is what the clock said", tool_call_id="call_1")  # type: ignore[arg-type]
+    job = Job(channel="http", user="u", reply_to="http", messages=[question, last])
+    reply = answer(job, EchoEngine(), helpers=_NoHelpers())  # type: ignore[arg-type]
+    assert not isinstance(reply, tuple) and reply.engine == "echo"
