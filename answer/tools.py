@@ -20,10 +20,10 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from answer.engines.grammar import CALLS_KEY
 from kernel.contract import ChatMessage, ToolCall, ToolChoice, ToolSpec
 from kernel.helper_registry import HelperInfo
 
-CALLS_KEY = "tool_calls"  # the same as answer.engines.grammar.CALLS_KEY
 EXAMPLE_CALL = '{"tool_calls": [{"name": "TOOL", "arguments": {...}}]}'
 # The heading of the helpers offered to the model (GPT4P_MODEL_TOOLS); the scripted test
 # engine recognises it.
@@ -31,7 +31,10 @@ HELPERS_HEADING = "You can use these helpers:"
 TOOLS_HEADING = "You can call these tools:"
 HELPER_PARAMETERS: dict[str, Any] = {
     "type": "object",
-    "properties": {"input": {"type": "string", "description": "What to ask the helper."}},
+    # Bounded, so a small model cannot ramble inside the call until it runs out of tokens.
+    "properties": {
+        "input": {"type": "string", "maxLength": 200, "description": "What to ask the helper."}
+    },
     "required": ["input"],
     "additionalProperties": False,
 }
