@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -231,7 +231,7 @@ async def chat_completions(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     """Answer a chat completion through the queue, as JSON or as server-sent events."""
-    settings, _, client = _state(request)
+    settings = _state(request)[0]
     body_bytes = int(request.scope.get(BODY_BYTES_SCOPE_KEY, 0))
     try:
         job = HttpChannel(settings).to_job(body, None, body_bytes, _sender(request, caller))
@@ -239,13 +239,10 @@ async def chat_completions(
         raise ApiError(413, str(error), "invalid_request_error", "request_too_large") from None
     except InvalidInboundError as error:
         raise ApiError(400, str(error), "invalid_request_error") from None
-    jobs = choices_of(job, body.n)
-    await _check_before_queueing(jobs, settings)
-    if idempotency_key:
-        scoped = await _scoped_idempotency_key(client, caller, idempotency_key, body)
-        jobs = _with_idempotency_keys(jobs, scoped)
-    renderer = _ChatChunks(settings, body.logprobs is True, jobs)
-    return await _answer(request, body.model, jobs, body.stream, renderer)
+    return await _answer_request(
+        request, body, choices_of(job, body.n), caller, idempotency_key,
+        lambda jobs: _ChatChunks(settings, body.logprobs is True, jobs),
+    )  # fmt: skip
 
 
 @router.post("/completions", response_model=None)
@@ -256,17 +253,32 @@ async def completions(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     """Continue a prompt as is (the legacy text completion), through the same queue."""
-    settings, _, client = _state(request)
+    settings = _state(request)[0]
     try:
         jobs = HttpChannel(settings).text_jobs(body, _sender(request, caller))
     except InvalidInboundError as error:
         raise ApiError(400, str(error), "invalid_request_error") from None
+    return await _answer_request(
+        request, body, jobs, caller, idempotency_key,
+        lambda jobs: _TextChunks(settings, body.logprobs, jobs),
+    )  # fmt: skip
+
+
+async def _answer_request(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    jobs: list[Job],
+    caller: str,
+    idempotency_key: str | None,
+    renderer_for: Callable[[list[Job]], _Renderer],
+) -> Response:
+    """Check `jobs` as a worker would, key them for retries, then queue and answer them."""
+    settings, _, client = _state(request)
     await _check_before_queueing(jobs, settings)
     if idempotency_key:
         scoped = await _scoped_idempotency_key(client, caller, idempotency_key, body)
         jobs = _with_idempotency_keys(jobs, scoped)
-    renderer = _TextChunks(settings, body.logprobs, jobs)
-    return await _answer(request, body.model, jobs, body.stream, renderer)
+    return await _answer(request, body.model, jobs, body.stream, renderer_for(jobs))
 
 
 def choices_of(job: Job, n: int) -> list[Job]:

@@ -247,15 +247,13 @@ def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``; unknown fields are ignored as OpenAI's server does."""
+class _SamplingRequest(BaseModel):
+    """The fields both completion APIs share: sampling, choices, streaming; unknown fields
+    are ignored as OpenAI's server does."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[RequestMessage] = Field(min_length=1, max_length=1000)
-    max_tokens: int | None = Field(None, ge=1, le=32_768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -264,14 +262,35 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = False  # llama-server's and vLLM's extension, for benchmarks
+
+    _stops = field_validator("stop")(_check_stops)
+
+    def _options(self, max_tokens: int | None, **fields: Any) -> GenerationOptions:
+        """Generation options with these shared fields, `max_tokens` and `fields`."""
+        return GenerationOptions(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=_stop_list(self.stop),
+            seed=self.seed,
+            stream=self.stream,
+            ignore_eos=self.ignore_eos,
+            **fields,
+        )
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[RequestMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     response_format: RequestResponseFormat | None = None
     tools: list[RequestTool] | None = Field(None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    _stops = field_validator("stop")(_check_stops)
 
     @field_validator("messages")
     @classmethod
@@ -300,14 +319,8 @@ class ChatCompletionRequest(BaseModel):
     def options(self) -> GenerationOptions:
         """Generation options for the job."""
         choice = self.tool_choice
-        return GenerationOptions(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=_stop_list(self.stop),
-            seed=self.seed,
-            stream=self.stream,
-            ignore_eos=self.ignore_eos,
+        return self._options(
+            self.max_completion_tokens or self.max_tokens,
             response_format=(
                 self.response_format.to_contract() if self.response_format else ResponseFormat()
             ),
@@ -321,28 +334,15 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``, the legacy text completion: a prompt continued as is."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1, le=32_768)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
-    user: str | None = Field(None, max_length=256)
-    ignore_eos: bool = False
-
-    _stops = field_validator("stop")(_check_stops)
 
     @field_validator("prompt")
     @classmethod
@@ -384,14 +384,8 @@ class CompletionRequest(BaseModel):
 
     def options(self) -> GenerationOptions:
         """Generation options for each prompt's job."""
-        return GenerationOptions(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=_stop_list(self.stop),
-            seed=self.seed,
-            stream=self.stream,
-            ignore_eos=self.ignore_eos,
+        return self._options(
+            self.max_tokens,
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs or 0,
             raw_prompt=True,
