@@ -187,6 +187,12 @@ def _prepared(job: Job, instructed: bool) -> list[ChatMessage]:
     return messages
 
 
+def _refusal(job: Job, error: ValueError) -> str:
+    """The sentence for a job that cannot be answered as asked (logged for the operator)."""
+    log.warning("job %s cannot be answered as asked: %s", job.id, error)
+    return REFUSED_REPLY.format(reason=str(error).rstrip("."))
+
+
 def _generate(
     job: Job, engine: Engine, worker: str, on_text: TextSink | None, instructed: bool = False
 ) -> Reply:
@@ -196,8 +202,7 @@ def _generate(
         options = job.options.model_copy(update={"grammar": grammar_for(job.options)})
         messages = _prepared(job, instructed)
     except ValueError as error:
-        log.warning("job %s cannot be answered as asked: %s", job.id, error)
-        text = REFUSED_REPLY.format(reason=str(error).rstrip("."))
+        text = _refusal(job, error)
         if on_text is not None:
             on_text(text)
         return job.reply(text, engine.model_name, engine.name, finish_reason="fallback",
@@ -239,8 +244,7 @@ def _generate(
     except ValueError as error:
         # The engine could not follow the job's grammar (llama.cpp refused it, or it was
         # too slow to follow): a sentence, and the slot is already free for the others.
-        log.warning("job %s cannot be answered as asked: %s", job.id, error)
-        text = REFUSED_REPLY.format(reason=str(error).rstrip("."))
+        text = _refusal(job, error)
         finish_reason, prompt_tokens, completion_tokens = "fallback", 0, 0
         if on_text is not None:
             on_text(f"\n{text}")
