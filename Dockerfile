@@ -25,8 +25,9 @@ COPY workers/ workers/
 COPY channels/ channels/
 COPY helpers/ helpers/
 COPY gpt4people/ gpt4people/
+# Every bundled model (GPT4P_MODEL picks one), installed and verified at build time.
 RUN pip install --no-cache-dir . \
- && GPT4P_CACHE_DIR=/opt/gpt4people python -c "from kernel.settings import load_settings; from kernel.model_files import default_model_path; default_model_path(load_settings())"
+ && GPT4P_CACHE_DIR=/opt/gpt4people gpt4people models --install
 
 RUN useradd --create-home --uid 10001 gpt4people
 USER gpt4people

@@ -10,13 +10,13 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args scripts/install-system-deps
+$(STAMP): pyproject.toml kernel/catalogue.py scripts/install-llama scripts/llama-cmake-args scripts/install-system-deps
 	scripts/install-system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	scripts/install-llama $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "from kernel.settings import load_settings; from kernel.model_files import default_model_path; print('model:', default_model_path(load_settings()))"
+	$(BIN)/gpt4people models --install
 	@touch $(STAMP)
 
 run: install

@@ -153,22 +153,34 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, timeout: f
     raise RuntimeError(f"{what} did not come up in {timeout:g}s")
 
 
-def same_prompt_template(path: Path) -> Path:
+def same_prompt_template(path: Path, model: str) -> Path:
     """A chat template that gives llama-server GPT4People's prompt for a one-question chat.
 
-    The bundled model has no chat template: GPT4People writes a transcript (system
-    prompt, one worked example) and llama-server would fall back to ChatML, a shorter
-    prompt. The same prompt tokens make the two do the same work.
+    GPT4People puts its system prompt before the question (in the model's own chat
+    template, or in a transcript with one worked example for a base model without
+    one); llama-server given the question alone would build a shorter prompt. The same
+    prompt tokens make the two do the same work.
     """
-    from answer.prompt import render_transcript
+    from llama_cpp import Llama
+
+    from answer.prompt import build_prompt
     from kernel.contract import ChatMessage
     from kernel.settings import Settings
 
+    vocab = Llama(model_path=model, vocab_only=True, verbose=False)
+
+    def token_text(token: int) -> str:
+        return vocab.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
     marker = "@@QUESTION@@"
-    text = render_transcript([ChatMessage(role="user", content=marker)],
-                             Settings().system_prompt).text  # fmt: skip
+    bos = token_text(vocab.token_bos()) if vocab.token_bos() >= 0 else ""
+    text = build_prompt([ChatMessage(role="user", content=marker)], Settings().system_prompt,
+                        vocab.metadata.get("tokenizer.chat_template") or None, bos,
+                        token_text(vocab.token_eos())).text  # fmt: skip
     before, after = text.split(marker)
-    path.write_text("{{ bos_token }}" + before + "{{ messages[-1]['content'] | trim }}" + after)
+    # Both add the BOS token when the model asks for one (and not twice): leave it out here.
+    before = before.removeprefix(bos) if bos else before
+    path.write_text(before + "{{ messages[-1]['content'] | trim }}" + after)
     return path
 
 
@@ -304,7 +316,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, \
             gpt4people(Path(tmp), args.threads, max(levels)) as (base, redis_url):  # fmt: skip
         print(f"GPT4People at {base}", file=sys.stderr)
-        template = same_prompt_template(Path(tmp) / "transcript.jinja")
+        template = same_prompt_template(Path(tmp) / "prompt.jinja", model)
         for n in levels:
             with llama_server(binary, model, args.threads, n, template) as anchor_base:
                 streams = args.streams if n == min(levels) else 0

@@ -1,4 +1,4 @@
-"""The ``gpt4people`` command: up, ask, worker, status.
+"""The ``gpt4people`` command: up, ask, worker, status, models and the rest.
 
 Errors an operator can fix (a bad setting, Redis down, no worker) end with a
 one-line message and a distinct exit status, never a traceback.
@@ -7,12 +7,14 @@ one-line message and a distinct exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
 import sys
 from collections.abc import Sequence
 
+from kernel.catalogue import BUNDLED_MODELS
 from kernel.channels import delivered_channels
 from kernel.logs import configure_logging
 from kernel.model_files import ModelNotFoundError
@@ -108,7 +110,7 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from kernel.contract import INFERENCE_QUEUE, gpu_queue, model_queue
-    from kernel.model_files import model_label
+    from kernel.model_files import model_aliases, model_label
     from workers.commandline import (
         celery_command,
         inference_worker_arguments,
@@ -117,7 +119,9 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.gpus is not None:
         return _run_gpu_workers(args)
-    queues = [INFERENCE_QUEUE, model_queue(model_label(settings))]
+    # The model's queue, and its older names' (`ask --model gemma-3-270m-q4_k_m`).
+    names = [model_label(settings), *model_aliases(settings)]
+    queues = [INFERENCE_QUEUE, *(model_queue(name) for name in names)]
     hostname = args.hostname or "worker@%h"
     concurrency = args.concurrency or settings.worker_concurrency
     if args.gpu is not None:
@@ -275,8 +279,6 @@ def _secrets(settings: Settings) -> set[str]:
 
 
 def _job_status(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
-
     import redis
 
     from gpt4people.whereabouts import locate_jobs
@@ -294,6 +296,29 @@ def _job_status(args: argparse.Namespace, settings: Settings) -> int:
                          indent=2))  # fmt: skip
     else:
         print("\n".join(where.describe() for where in found.values()))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from gpt4people.models import InstallError, install, table
+
+    if args.install is not None:
+        unknown = [n for n in args.install if n not in BUNDLED_MODELS]
+        if unknown:
+            raise CliError(f"no bundled model named {unknown[0]!r}; one of: "
+                           f"{', '.join(BUNDLED_MODELS)}", EXIT_SETTINGS)  # fmt: skip
+        try:
+            for path in install(settings, args.install):
+                print(f"ready: {path}")
+        except InstallError as error:
+            raise CliError(str(error), EXIT_FAILED) from None
+        return 0
+    if args.json:
+        from kernel.model_files import catalogue
+
+        print(json.dumps([dataclasses.asdict(row) for row in catalogue(settings)], indent=2))
+        return 0
+    print(table(settings))
     return 0
 
 
@@ -365,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_argument("--hostname", help="Celery node name (default deliver@%%h)")
     deliver.add_argument("--concurrency", type=int, default=4, help="sending processes")
     deliver.set_defaults(handler=_cmd_deliver)
+
+    models = commands.add_parser("models", help="list the bundled models (GPT4P_MODEL), "
+                                 "installed or not; --install fetches them")  # fmt: skip
+    models.add_argument("--install", nargs="*", metavar="NAME",
+                        help="install these bundled models (none named: all) and prepare "
+                        "their files")  # fmt: skip
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
+    models.set_defaults(handler=_cmd_models)
 
     status = commands.add_parser("status", help="show Redis, workers, queue depths and the model")
     status.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kernel.catalogue import BUNDLED_MODELS, DEFAULT_MODEL
 from kernel.redis_urls import check_redis_url
 
 ENV_PREFIX = "GPT4P_"
@@ -74,6 +75,9 @@ class Settings(BaseSettings):
         case_sensitive=False,
         validate_default=True,
         env_ignore_empty=True,  # Compose passes unset variables as ""
+        # As Compose does: a .env file in the working directory; the environment wins over it.
+        env_file=".env",
+        env_file_encoding="utf-8",
     )
 
     # --- Redis and Celery -------------------------------------------------------------
@@ -120,8 +124,14 @@ class Settings(BaseSettings):
         description="`llama` runs the GGUF model; `echo` answers with the prompt; `scripted` "
         "follows fixed rules (calls helpers on request) for wiring tests.",
     )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="The bundled model to run (`gpt4people models` lists them): "
+        + ", ".join(BUNDLED_MODELS)
+        + ". GPT4P_MODEL_PATH wins over it.",
+    )
     model_path: Path | None = Field(
-        None, description="A GGUF file; unset: the bundled Gemma 3 270M Q4_K_M."
+        None, description="A GGUF file to run instead of a bundled model (any llama.cpp model)."
     )
     n_ctx: int = Field(4096, ge=256, le=1_048_576, description="Context window in tokens.")
     parallel: int = Field(
@@ -309,7 +319,8 @@ class Settings(BaseSettings):
     imap_user: str | None = Field(None, description="IMAP login (often the address).")
     imap_password: SecretStr | None = Field(None, description="IMAP password or app password.")
     imap_ssl: Literal["tls", "starttls", "plain"] = Field(
-        "tls", description="IMAP connection security."
+        "tls",
+        description="IMAP connection security: tls, starttls or plain (true/false: tls/plain).",
     )
     imap_folder: str = Field("INBOX", description="Folder watched for questions.")
     imap_processed_folder: str | None = Field(
@@ -443,6 +454,35 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _bundled_model(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        for model in BUNDLED_MODELS.values():
+            if name == model.name or name in model.aliases:
+                return model.name
+        raise ValueError(
+            f"{value!r} is not a bundled model; one of: {', '.join(BUNDLED_MODELS)} "
+            "(or set GPT4P_MODEL_PATH to a GGUF file)"
+        )
+
+    @field_validator("imap_ssl", mode="before")
+    @classmethod
+    def _imap_ssl_words(cls, value: object) -> object:
+        # GPT4P_IMAP_SSL=true/false as people write it: TLS from the start, or none.
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in {"true", "yes", "on", "1", "ssl"}:
+                return "tls"
+            if word in {"false", "no", "off", "0", "none"}:
+                return "plain"
+            return word
+        if isinstance(value, bool):
+            return "tls" if value else "plain"
+        return value
 
     @field_validator("model_path")
     @classmethod

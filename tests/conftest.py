@@ -227,12 +227,12 @@ def echo_redis(echo_worker: str) -> Iterator[redis.Redis]:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], timeout: float = 120
+    args: list[str], env: dict[str, str], timeout: float = 120, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``gpt4people ARGS`` as a user would, capturing its output."""
+    """Run ``gpt4people ARGS`` as a user would (in `cwd`), capturing its output."""
     return subprocess.run(
         [PYTHON, "-m", "gpt4people.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 

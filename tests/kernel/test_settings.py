@@ -45,6 +45,8 @@ def test_values_are_read_and_converted(monkeypatch: pytest.MonkeyPatch, tmp_path
         ("GPT4P_REDIS_URL", "sentinel://h1:26379/zero"),
         ("GPT4P_REDIS_WAIT_TIMEOUT", "0"),
         ("GPT4P_MODEL_PATH", "/nowhere/model.gguf"),
+        ("GPT4P_MODEL", "gpt-5"),
+        ("GPT4P_IMAP_SSL", "maybe"),
     ],
 )
 def test_a_wrong_value_names_its_variable(
@@ -112,3 +114,46 @@ def test_requiring_email_auth_needs_our_servers_authserv_id(
     assert "GPT4P_EMAIL_AUTHSERV_ID" in str(refused.value)
     monkeypatch.setenv("GPT4P_EMAIL_AUTHSERV_ID", "mx.example.com")
     assert load_settings().email_require_auth
+
+
+def test_the_bundled_model_is_named_as_people_write_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPT4P_MODEL", raising=False)
+    assert load_settings().model == "smollm2-135m-instruct"
+    monkeypatch.setenv("GPT4P_MODEL", " Gemma-3-270M ")
+    assert load_settings().model == "gemma-3-270m"
+    monkeypatch.setenv("GPT4P_MODEL", "gemma-3-270m-q4_k_m")  # its older name
+    assert load_settings().model == "gemma-3-270m"
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"),
+    [("true", "tls"), ("False", "plain"), ("yes", "tls"), ("0", "plain"), ("starttls", "starttls")],
+)
+def test_imap_ssl_takes_true_and_false(
+    monkeypatch: pytest.MonkeyPatch, value: str, meant: str
+) -> None:
+    monkeypatch.setenv("GPT4P_IMAP_SSL", value)
+    assert load_settings().imap_ssl == meant
+
+
+def test_a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(
+        "# as Compose reads it\nGPT4P_HTTP_PORT=8123\nGPT4P_IMAP_SSL=false\n"
+        "GPT4P_N_CTX=8192\nCOMPOSE_PROJECT_NAME=gpt4people\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    for name in ("GPT4P_HTTP_PORT", "GPT4P_IMAP_SSL", "GPT4P_N_CTX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GPT4P_N_CTX", "2048")
+    settings = load_settings()
+    assert (settings.http_port, settings.imap_ssl, settings.n_ctx) == (8123, "plain", 2048)
+
+
+def test_a_wrong_value_in_dotenv_names_its_variable(state_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("GPT4P_HTTP_PORT=eighty\n", encoding="utf-8")
+    done = run_cli(["status"], base_env(state_dir), timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "GPT4P_HTTP_PORT" in done.stderr and "Traceback" not in done.stderr
