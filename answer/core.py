@@ -179,7 +179,8 @@ def _prepared(job: Job, instructed: bool) -> list[ChatMessage]:
     the offered tools in the system prompt."""
     if job.options.raw_prompt:
         return list(job.messages)
-    messages = as_text(job.messages)
+    # A required call comes next whatever the tools answered: then no "answer in words".
+    messages = as_text(job.messages, answer_next=job.options.tool_choice in {"auto", "none"})
     tools = offered_tools(job.options)
     if tools and not instructed:
         section = instruction(tools, job.options.tool_choice, TOOLS_HEADING)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from answer.guard import AnswerGuard
 from kernel.contract import ChatMessage
 
 USER_LABEL = "User"
@@ -50,6 +51,9 @@ class PromptText:
     stop: tuple[str, ...] = field(default_factory=tuple)
     # Special tokens in the text (the template's, or a raw prompt's) are read as such.
     templated: bool = False
+    # Where the answer stops being one (an invented turn, the instruction recited);
+    # None for a raw prompt, whose continuation is the caller's business.
+    guard: AnswerGuard | None = None
 
 
 def _with_system(messages: Sequence[ChatMessage], system_prompt: str) -> list[ChatMessage]:
@@ -75,7 +79,8 @@ def render_transcript(messages: Sequence[ChatMessage], system_prompt: str) -> Pr
             label = USER_LABEL if message.role == "user" else ASSISTANT_LABEL
             parts.append(f"{label}: {content}")
     parts.append(f"{ASSISTANT_LABEL}:" + (f" {prefill}" if prefill else ""))
-    return PromptText(text="\n".join(parts), stop=TRANSCRIPT_STOPS)
+    return PromptText(text="\n".join(parts), stop=TRANSCRIPT_STOPS,
+                      guard=_guard(messages, system_prompt))  # fmt: skip
 
 
 def _transcript_content(message: ChatMessage) -> str:
@@ -97,6 +102,12 @@ def _arguments(arguments: str) -> object:
         return json.loads(arguments)
     except ValueError:
         return arguments
+
+
+def _guard(messages: Sequence[ChatMessage], system_prompt: str) -> AnswerGuard:
+    """The guard against reciting the instruction this conversation was given."""
+    own = messages[0].content if messages and messages[0].role == "system" else system_prompt
+    return AnswerGuard.for_instruction(own)
 
 
 def continues(messages: Sequence[ChatMessage]) -> bool:
@@ -154,7 +165,8 @@ def render_chat_template(
             if messages[0].role == "user"
             else list(messages)
         )
-        return render_chat_template(template, folded, "", bos_token, eos_token)
+        rendered = render_chat_template(template, folded, "", bos_token, eos_token)
+        return replace(rendered, guard=_guard(messages, system_prompt))
     except TemplateError as error:
         raise ChatTemplateError(f"chat template failed: {error}") from error
     if prefill is not None:
@@ -163,7 +175,7 @@ def render_chat_template(
             raise ChatTemplateError("the chat template dropped the assistant's last message")
         text = text[:at] + prefill
     stop = (eos_token,) if eos_token else ()
-    return PromptText(text=text, stop=stop, templated=True)
+    return PromptText(text=text, stop=stop, templated=True, guard=_guard(messages, system_prompt))
 
 
 def _template_message(message: ChatMessage) -> dict[str, object]:

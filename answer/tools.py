@@ -105,18 +105,28 @@ def _arguments(arguments: str) -> Any:
         return arguments
 
 
-def _tool_answers(messages: Sequence[ChatMessage], names: dict[str, str]) -> ChatMessage:
+# After the tools' answers: without it a small model repeats its call instead of answering.
+ANSWER_WITH_IT = "Answer my question with {it}, in plain words."
+
+
+def _tool_answers(
+    messages: Sequence[ChatMessage], names: dict[str, str], last: bool
+) -> ChatMessage:
     parts = []
     for message in messages:
         name = message.name or names.get(message.tool_call_id or "", "") or "the"
         tool = f"The {name} tool" if name != "the" else "The tool"
         parts.append(f"{tool} answered: {message.content.strip()}")
+    if last:
+        parts.append(ANSWER_WITH_IT.format(it="it" if len(messages) == 1 else "them"))
     return ChatMessage(role="user", content="\n".join(parts))
 
 
-def as_text(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+def as_text(messages: Sequence[ChatMessage], answer_next: bool = True) -> list[ChatMessage]:
     """The conversation with its tool calls and tool answers written as text: an assistant
-    turn holds its calls in the call format, consecutive tool answers become one user turn."""
+    turn holds its calls in the call format, consecutive tool answers become one user turn.
+    `answer_next`: tool answers that end the conversation ask for the answer in words
+    (not when a call is required next)."""
     if not any(m.role == "tool" or m.tool_calls for m in messages):
         return list(messages)
     names = {c.id: c.name for m in messages for c in m.tool_calls}
@@ -127,14 +137,14 @@ def as_text(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
             pending.append(message)
             continue
         if pending:
-            written.append(_tool_answers(pending, names))
+            written.append(_tool_answers(pending, names, last=False))
             pending = []
         if message.tool_calls:
             content = f"{message.content.strip()} {calls_text(message.tool_calls)}".strip()
             message = ChatMessage(role=message.role, content=content)
         written.append(message)
     if pending:
-        written.append(_tool_answers(pending, names))
+        written.append(_tool_answers(pending, names, last=answer_next))
     return written
 
 

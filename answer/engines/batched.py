@@ -61,6 +61,8 @@ from answer.engines import (
     offloaded_layers,
 )
 from answer.engines.prompting import PromptFitter
+from answer.engines.vocabulary import special_tokens
+from answer.guard import AnswerGuard
 from kernel.contract import ChatMessage, GenerationOptions, TokenLogprob, TopLogprob
 from kernel.model_files import model_label, resolve_model_path
 from kernel.settings import Settings
@@ -141,6 +143,7 @@ class _Request:
     grammar: str | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    guard: AnswerGuard | None = None  # where the answer stops being one (answer.guard)
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
@@ -194,9 +197,15 @@ class BatchedLlamaEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         metadata = model.metadata()
+        special = special_tokens(self._vocab, self._n_vocab, self._piece_text)
+        # The tokens that end an answer: end of generation, and any token that is not text.
+        self._ends = special.never_text | np.fromiter(
+            (llama_cpp.llama_vocab_is_eog(self._vocab, t) for t in range(self._n_vocab)),
+            dtype=bool, count=self._n_vocab,
+        )  # fmt: skip
         self._fitter = PromptFitter(settings, metadata.get("tokenizer.chat_template") or None,
                                     self._tokenize, self._piece_text, model.token_bos(),
-                                    model.token_eos())  # fmt: skip
+                                    model.token_eos(), special.markers)  # fmt: skip
         self.chat_template = self._fitter.chat_template
         threads = settings.n_threads or os.cpu_count() or 1
         params = llama_cpp.llama_context_default_params()
@@ -302,6 +311,8 @@ class BatchedLlamaEngine:
             grammar=options.grammar,
             logprobs=options.logprobs,
             top_logprobs=options.top_logprobs if options.logprobs else 0,
+            # A grammar's output is data, and ignore_eos asks for every token: no cut.
+            guard=None if options.grammar is not None or options.ignore_eos else prompt.guard,
         )  # fmt: skip
         if self._stopped.is_set():
             raise EngineStoppedError("the engine is stopped")
@@ -461,10 +472,9 @@ class BatchedLlamaEngine:
         return chain
 
     def _eog(self) -> list[int]:
-        """Every end-of-generation token of the vocabulary (looked up once)."""
+        """Every token that ends an answer: end of generation, or not text (listed once)."""
         if self._eog_tokens is None:
-            self._eog_tokens = [t for t in range(self._n_vocab)
-                                if llama_cpp.llama_vocab_is_eog(self._vocab, t)]  # fmt: skip
+            self._eog_tokens = [int(t) for t in np.flatnonzero(self._ends)]
         return self._eog_tokens
 
     def _no_eog_sampler(self) -> Any:
@@ -542,10 +552,9 @@ class BatchedLlamaEngine:
         """The most likely token (numpy's argmax: the same pick as llama.cpp's greedy
         sampler, without copying the vocabulary into a candidates array)."""
         token = int(logits.argmax())
-        if (request.ignore_eos and request.grammar is None
-                and llama_cpp.llama_vocab_is_eog(self._vocab, token)):  # fmt: skip
+        if request.ignore_eos and request.grammar is None and self._ends[token]:
             masked = logits.copy()
-            masked[self._eog()] = -np.inf
+            masked[self._ends] = -np.inf
             token = int(masked.argmax())
         return token
 
@@ -646,7 +655,7 @@ class BatchedLlamaEngine:
             picked = self._greedy(request, logits)
         else:
             picked = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
-        if picked is None or llama_cpp.llama_vocab_is_eog(self._vocab, picked):
+        if picked is None or self._ends[picked]:
             self._finish(slot, "stop")
             return
         token = picked
@@ -659,6 +668,12 @@ class BatchedLlamaEngine:
             at = slot.text.find(stop, max(0, slot.emitted - len(stop)))
             if at >= 0:
                 slot.text = slot.text[:at]
+                self._finish(slot, "stop")
+                return
+        if request.guard is not None:
+            cut = request.guard.cut(slot.text, slot.emitted)
+            if cut is not None:
+                slot.text = slot.text[:cut]
                 self._finish(slot, "stop")
                 return
         if slot.generated >= request.max_tokens:
@@ -674,7 +689,13 @@ class BatchedLlamaEngine:
         assert request is not None
         if final:
             slot.text += slot.decoder.decode(b"", final=True)
-        end = len(slot.text) if final else len(slot.text) - _stop_hold(slot.text, request.stop)
+        if final:
+            end = len(slot.text)
+        else:
+            held = _stop_hold(slot.text, request.stop)
+            if request.guard is not None:
+                held = max(held, request.guard.hold(slot.text, slot.emitted))
+            end = len(slot.text) - held
         if end > slot.emitted:
             request.unsent.append(slot.text[slot.emitted : end])
             slot.emitted = end

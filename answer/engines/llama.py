@@ -6,16 +6,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
-from llama_cpp import Llama, LlamaGrammar
+from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
 
 from answer.engines import Generation, TextSink, offloaded_layers
 from answer.engines.batched import init_grammar
 from answer.engines.prompting import PromptFitter
+from answer.engines.vocabulary import special_tokens
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.model_files import model_label, resolve_model_path
 from kernel.settings import Settings
@@ -33,6 +34,9 @@ class LlamaEngine:
         self._settings = settings
         self._lock = threading.Lock()
         self.model_name = model_name
+        vocab = llm._model.vocab
+        special = special_tokens(vocab, llama_cpp.llama_vocab_n_tokens(vocab), self._token_text)
+        self._never_text = special.never_text
         self._fitter = PromptFitter(
             settings,
             llm.metadata.get("tokenizer.chat_template") or None,
@@ -40,8 +44,12 @@ class LlamaEngine:
             self._token_text,
             llm.token_bos(),
             llm.token_eos(),
+            special.markers,
         )
         self.chat_template = self._fitter.chat_template
+
+    def _not_text(self, tokens: Any, _: Any) -> bool:
+        return bool(len(tokens)) and bool(self._never_text[int(tokens[-1])])
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -90,7 +98,7 @@ class LlamaEngine:
             # ignore_eos must not fight a grammar's end: the grammar decides where it ends.
             no_eos = options.ignore_eos and grammar is None
             stream = cast(
-                Iterator[dict[str, Any]],
+                Generator[dict[str, Any], None, None],
                 self._llm.create_completion(
                     tokens,
                     max_tokens=max_tokens,
@@ -103,19 +111,28 @@ class LlamaEngine:
                     logit_bias={self._llm.token_eos(): float("-inf")} if no_eos else None,
                     grammar=grammar,
                     seed=options.seed if options.seed is not None else settings.seed,
+                    # A token that is not text (a model's markup) ends the answer unshown.
+                    stopping_criteria=StoppingCriteriaList([self._not_text]),
                     stream=True,
                 ),
             )
-            pieces: list[str] = []
+            guard = None if options.grammar is not None or options.ignore_eos else prompt.guard
+            text, emitted = "", 0
             finish: str | None = None
             for chunk in stream:
                 choice = chunk["choices"][0]
-                if choice["text"]:
-                    pieces.append(choice["text"])
-                    if on_text is not None:
-                        on_text(choice["text"])
+                text += choice["text"]
                 finish = choice.get("finish_reason") or finish
-            text = "".join(pieces)
+                if guard is not None and (at := guard.cut(text, emitted)) is not None:
+                    text, finish = text[:at], "stop"
+                    stream.close()  # ends the generation here
+                    break
+                held = guard.hold(text, emitted) if guard is not None and not finish else 0
+                if on_text is not None and len(text) - held > emitted:
+                    on_text(text[emitted : len(text) - held])
+                emitted = len(text) - held
+            if on_text is not None and len(text) > emitted:
+                on_text(text[emitted:])
             completion_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
         return Generation(
             text=text,

@@ -4,6 +4,7 @@ and by the token counting of the HTTP channel (`answer.engines.tokenizer`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from answer.engines import PromptTooLongError
 from answer.prompt import PromptText, build_prompt, last_turn
@@ -42,17 +43,21 @@ class PromptFitter:
         token_text: Callable[[int], str],
         bos: int = -1,
         eos: int = -1,
+        markers: Sequence[str] = (),
     ) -> None:
         self._settings = settings
         self._tokenize = tokenize
         self.chat_template = chat_template
         self.bos_token = token_text(bos)
         self.eos_token = token_text(eos)
+        self._markers = tuple(markers)  # the model's special tokens, spelled out: never text
 
     def render(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> PromptText:
-        """The prompt text exactly as the engines send it."""
-        return build_prompt(messages, self._settings.system_prompt, self.chat_template,
-                            self.bos_token, self.eos_token, raw=options.raw_prompt)  # fmt: skip
+        """The prompt text exactly as the engines send it, with the model's markers as stops."""
+        prompt = build_prompt(messages, self._settings.system_prompt, self.chat_template,
+                              self.bos_token, self.eos_token, raw=options.raw_prompt)  # fmt: skip
+        extra = tuple(m for m in self._markers if m not in prompt.stop)
+        return replace(prompt, stop=prompt.stop + extra) if extra else prompt
 
     def tokens(self, prompt: PromptText) -> list[int]:
         """The prompt's tokens, with one BOS token."""

@@ -258,7 +258,7 @@ def test_logprobs_in_openai_shape_and_the_greedy_token_is_the_most_likely(
 
 # Ambiguous on purpose: a thousand ways to go on after every letter, so each pass of the
 # grammar over the vocabulary takes on the order of a second.
-SLOW = 'root ::= "{" ( ' + " | ".join(f'[a-z]+ "{i}"' for i in range(1000)) + ' ) "}"'
+SLOW = 'root ::= "{" ( ' + " | ".join(f'[a-z]+ "{i}"' for i in range(5000)) + ' ) "}"'
 
 
 def test_a_job_whose_grammar_is_too_slow_ends_and_the_others_go_on(

@@ -34,11 +34,9 @@ def ask(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
 
 
-def test_the_bundled_model_has_no_chat_template_so_a_transcript_is_used(
-    engine: Engine,
-) -> None:
-    assert getattr(engine, "chat_template", "missing") is None
-    assert engine.model_name == "gemma-3-270m-q4_k_m"
+def test_the_default_model_is_prompted_through_its_own_chat_template(engine: Engine) -> None:
+    assert "<|im_start|>" in (getattr(engine, "chat_template", None) or "")  # ChatML
+    assert engine.model_name == "smollm2-135m-instruct"
 
 
 def test_it_generates_text_and_streams_the_same_text(engine: Engine) -> None:
@@ -150,3 +148,46 @@ def test_the_tokenizer_counts_what_the_engine_reads(engine: Engine) -> None:
     with pytest.raises(PromptTooLongError, match=f"{counted} tokens, the context holds 496"):
         engine.generate(long, GenerationOptions())
     assert prompt_tokens(long, GenerationOptions(), Settings(engine="echo")) is None
+
+
+def test_a_token_that_is_not_text_ends_the_answer(engine: Engine) -> None:
+    # After a finished user turn, ChatML's next token is <|im_start|>: a control token, but
+    # not an end of generation. Printed as nothing, it let the next speaker's name through
+    # ("assistant\nThanks!").
+    turn = ("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n"
+            "<|im_start|>user\nThanks<|im_end|>\n")  # fmt: skip
+    generation = engine.generate(
+        ask(turn), GenerationOptions(raw_prompt=True, temperature=0, max_tokens=16)
+    )
+    assert not generation.text.lstrip().startswith(("user", "assistant", "system"))
+    assert generation.completion_tokens <= 1
+
+
+def test_the_model_vocabularies_tell_markup_from_text() -> None:
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from answer.engines.vocabulary import special_tokens
+    from kernel.catalogue import GEMMA3, SMOLLM2
+    from kernel.model_files import bundled_model_path
+
+    for model, markup, text in (
+        (SMOLLM2, ["<|im_start|>", "<|im_end|>"], ["Paris", " <", "|"]),
+        (GEMMA3, ["<start_of_image>", "<end_of_turn>", "<unused7>"], ["<table>", "\n\n", "  "]),
+    ):
+        llm = Llama(model_path=str(bundled_model_path(model, Settings())), vocab_only=True,
+                    verbose=False)  # fmt: skip
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+
+        def text_of(token: int, llm: Llama = llm) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+        found = special_tokens(vocab, llama_cpp.llama_vocab_n_tokens(vocab), text_of)
+
+        def token(piece: str, llm: Llama = llm) -> int:
+            [one] = llm.tokenize(piece.encode(), add_bos=False, special=True)
+            return one
+
+        assert all(found.never_text[token(piece)] for piece in markup), model.name
+        assert not any(found.never_text[token(piece)] for piece in text), model.name
+        assert set(markup[:2]) <= set(found.markers)

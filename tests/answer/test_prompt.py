@@ -99,3 +99,31 @@ def test_the_last_turn_runs_from_the_last_user_message() -> None:
     messages = [ChatMessage(role="system", content="Be brief."), *conversation(),
                 ChatMessage(role="assistant", content="It is")]  # fmt: skip
     assert [m.content for m in last_turn(messages)] == ["Be brief.", "What is 2+2?", "It is"]
+
+
+def test_a_conversation_is_turns_in_the_bundled_instruct_models_own_template() -> None:
+    # An SMS history, an email thread or a multi-turn HTTP chat reach the prompt the same way.
+    from llama_cpp import Llama
+
+    from kernel.catalogue import SMOLLM2
+    from kernel.model_files import bundled_model_path
+    from kernel.settings import Settings
+
+    path = bundled_model_path(SMOLLM2, Settings())
+    template = Llama(model_path=str(path), vocab_only=True, verbose=False).metadata[
+        "tokenizer.chat_template"
+    ]
+    prompt = build_prompt(conversation(), "You are GPT4People.", template, "", "<|im_end|>")
+    assert prompt.text == (
+        "<|im_start|>system\nYou are GPT4People.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert prompt.templated and "<|im_end|>" in prompt.stop
+    # Without a template (a base model) the same turns are a transcript.
+    transcript = build_prompt(conversation(), "You are GPT4People.", None).text
+    assert transcript.endswith(
+        "User: Hi\nAssistant: Hello! How can I help?\nUser: What is 2+2?\nAssistant:"
+    )

@@ -325,8 +325,11 @@ def test_calls_and_tool_answers_in_the_history_become_text_the_model_reads() -> 
     assert written[1].content == calls_text([call, other])
     assert json.loads(written[1].content)["tool_calls"][0]["arguments"] == {"city": "Paris"}
     assert written[2].content == (
-        "The get_weather tool answered: 18 C, sunny\nThe calculate tool answered: 4"
+        "The get_weather tool answered: 18 C, sunny\nThe calculate tool answered: 4\n"
+        "Answer my question with them, in plain words."
     )
+    # When a call must come next, the tools' answers are not followed by that request.
+    assert as_text(history, answer_next=False)[2].content.endswith("answered: 4")
 
 
 # --- the core with a scripted engine --------------------------------------------------------

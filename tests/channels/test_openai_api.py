@@ -388,7 +388,8 @@ def model(model_web: str) -> openai.OpenAI:
 @pytest.mark.model
 def test_json_mode_answers_parse(model: openai.OpenAI) -> None:
     completion = model.chat.completions.create(
-        model="gemma", messages=ask("Describe a cat as a JSON object."), n=4, seed=1,
+        model="gemma", messages=ask("Describe a cat as a JSON object with its name and colour."),
+        n=4, seed=1,
         max_tokens=200, response_format={"type": "json_object"},
     )  # fmt: skip
     assert len(completion.choices) == 4
@@ -508,8 +509,9 @@ def test_a_prompt_past_the_context_is_a_400_streamed_or_not(model: openai.OpenAI
 
 @pytest.mark.model
 def test_text_completions_with_the_model(model: openai.OpenAI) -> None:
-    # A raw prompt, no chat template: the model continues the pattern.
-    prompt = "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of France?\nA:"
+    # A raw prompt, no chat template: the model continues the text.
+    prompt = ("Q: What is the capital of Italy?\nA: Rome.\nQ: What is the capital of France?\n"
+              "A: The capital of France is")  # fmt: skip
     fields: dict[str, Any] = {"model": "gemma", "prompt": prompt, "max_tokens": 8,
                               "temperature": 0, "stop": ["\n"]}  # fmt: skip
     whole = model.completions.create(**fields, logprobs=3)
