@@ -34,6 +34,7 @@ from channels.delivery import (
 )
 from channels.email.intake import PREFIX, EmailRecords, digest, owner_key
 from channels.email.parse import base_subject, one_line
+from channels.plaintext import plain_text, safe_html
 from kernel.contract import ChatMessage, Reply, delivery_task
 from kernel.replication import make_durable
 from kernel.settings import Settings
@@ -94,11 +95,13 @@ def compose_reply(reply: Reply, settings: Settings) -> EmailMessage:
     message["Auto-Submitted"] = "auto-replied"
     message["X-Auto-Response-Suppress"] = "All"
     quote = _quote(reply)
-    message.set_content(reply.text + ("\n\n" + quote if quote else "") + "\n")
+    # The model writes markdown: plain text for the text/plain part, rendered (the
+    # model's own HTML escaped) for the HTML alternative.
+    message.set_content(plain_text(reply.text) + ("\n\n" + quote if quote else "") + "\n")
     if settings.email_html:
-        paragraphs = "".join(f"<p>{html.escape(p)}</p>" for p in reply.text.split("\n\n"))
         quoted = f"<blockquote>{html.escape(quote).replace(chr(10), '<br>')}</blockquote>"
-        message.add_alternative(f"<html><body>{paragraphs}{quoted if quote else ''}</body></html>",
+        answer = safe_html(reply.text)
+        message.add_alternative(f"<html><body>{answer}{quoted if quote else ''}</body></html>",
                                 subtype="html")  # fmt: skip
     image, kind = reply.context.get("image_base64"), reply.context.get("image_type", "")
     if image and kind.startswith("image/"):

@@ -38,6 +38,7 @@ from channels.delivery import (
     freed_if_unsent,
 )
 from channels.outbound_cap import OutboundCap, Reservation
+from channels.plaintext import plain_text
 from channels.sms.split import split_for_sms
 from channels.sms.state import SmsState, number_id
 from kernel.contract import ChatMessage, Reply, delivery_task
@@ -132,8 +133,9 @@ def send_parts(
     Twilio's message log before sending again, so a part is never sent twice.
     The parts still to send are taken from `cap` together, before the first of
     them goes out: the hourly cap holds a reply whole, never cuts it in two.
+    The model's markdown is sent as plain text: a phone shows ``**`` as typed.
     """
-    parts = split_for_sms(reply.text, max_parts=max_parts)
+    parts = split_for_sms(plain_text(reply.text), max_parts=max_parts)
     sent, reservation = 0, None
     try:
         for index, body in enumerate(parts):

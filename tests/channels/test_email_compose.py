@@ -30,3 +30,19 @@ def test_a_reply_without_image_has_no_attachment() -> None:
     message = compose_reply(reply(), Settings(email_from="bot@x.org"))
     assert list(message.iter_attachments()) == []
     assert message["Message-ID"] == "<gpt4p-email-1@x.org>"
+
+
+def test_the_models_markdown_is_plain_text_with_a_rendered_html_alternative() -> None:
+    answer = "## Sea haiku\n\n**Waves** fold on the sand,\n*salt* wind <script>x</script>"
+    quoted = reply(authenticated="true", question="A haiku?", sender_name="Ann")
+    message = compose_reply(quoted.model_copy(update={"text": answer}), Settings(email_from="b@x"))
+    plain = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    assert plain is not None and html is not None
+    assert plain.get_content() == (
+        "Sea haiku\nWaves fold on the sand,\nsalt wind x\n\nAnn wrote:\n> A haiku?\n"
+    )
+    rendered = html.get_content()
+    assert "<h2>Sea haiku</h2>" in rendered and "<strong>Waves</strong>" in rendered
+    assert "&lt;script&gt;x&lt;/script&gt;" in rendered and "<script" not in rendered
+    assert "<blockquote>Ann wrote:<br>&gt; A haiku?</blockquote>" in rendered

@@ -94,6 +94,17 @@ def test_a_text_is_answered_once_by_sms(sms_web: str, twilio: TwilioRecorder, nu
     assert call.account == twilio.account_sid
 
 
+def test_a_markdown_answer_reaches_the_phone_as_plain_text(
+    sms_web: str, twilio: TwilioRecorder, number: str
+) -> None:
+    # The echo engine answers with the text itself: here, markdown as a model writes it.
+    answer = "## Paris\n\n**Paris** is the `capital`:\n\n* since 508\n* [map](https://x.org/p)"
+    assert text(sms_web, twilio, number, answer).status_code == 200
+    assert replies(twilio, number, 1) == [
+        "Paris\nParis is the capital:\n\n- since 508\n- map (https://x.org/p)"
+    ]
+
+
 def test_a_retried_webhook_is_answered_once(
     sms_web: str, twilio: TwilioRecorder, number: str, sms_redis: redis.Redis
 ) -> None:
