@@ -180,23 +180,35 @@ FLOWER_ENV_OVERRIDES = ("FLOWER_ADDRESS", "FLOWER_PORT", "FLOWER_BASIC_AUTH",
 
 
 def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
     from gpt4people.supervisor import StackError, check_flower_exposure
-    from workers.commandline import celery_command
+    from workers.app import app
 
     try:
         check_flower_exposure(settings)
     except StackError as error:
         raise CliError(str(error), EXIT_SETTINGS) from None
-    env = {k: v for k, v in os.environ.items() if k not in FLOWER_ENV_OVERRIDES}
+    for name in FLOWER_ENV_OVERRIDES:
+        os.environ.pop(name, None)
     if settings.flower_basic_auth is not None:
-        # Flower reads FLOWER_BASIC_AUTH from its environment, which only this user can
-        # read (/proc/PID/environ); an argument would be in every user's `ps`.
-        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
-    command = celery_command("flower", f"--port={settings.flower_port}",
-                             f"--address={settings.flower_host}", "--loglevel=WARNING")  # fmt: skip
-    sys.stdout.flush()
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+        # Flower reads FLOWER_BASIC_AUTH from the environment: set in this process, it is
+        # on no command line (every user's `ps`) and not even in /proc/PID/environ.
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    # Flower asks the workers what they run as it starts, before they are up: the failed
+    # inspections it warns of are the normal start of a stack.
+    logging.getLogger("flower.inspector").setLevel(logging.ERROR)
+    login = " (login: GPT4P_FLOWER_BASIC_AUTH)" if settings.flower_basic_auth else ""
+    logging.getLogger("gpt4people.flower").info(
+        "Flower on http://%s:%s/%s", settings.flower_host, settings.flower_port, login
+    )
+    # In this process, whose logging is set up: tornado then keeps our handler (it adds
+    # its own only to a root logger with none), so Flower's lines are in our format.
+    # --quiet: no banner (its list of tasks is a wall of lines).
+    app.start(["--quiet", "flower", f"--port={settings.flower_port}",
+               f"--address={settings.flower_host}",
+               f"--logging={settings.log_level.lower()}"])  # fmt: skip
+    return 0
 
 
 def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:

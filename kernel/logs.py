@@ -91,3 +91,5 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A Python warning becomes one record in this format, not a block of lines on stderr.
+    logging.captureWarnings(True)

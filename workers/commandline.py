@@ -46,6 +46,7 @@ def worker_arguments(
 ) -> list[str]:
     """The ``celery worker`` arguments of every GPT4People worker."""
     return [
+        "--quiet",  # no banner: the worker's first line is its "ready." (in our log format)
         "worker", "--queues", ",".join(queues), "--hostname", hostname,
         "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
         "--without-mingle", "--without-gossip",

@@ -77,6 +77,26 @@ def test_up_starts_everything_and_stops_leaving_nothing(
     output = (tmp_path / "up.log").read_text()
     assert "gpt4people is up" in output
     assert f"http://127.0.0.1:{http_port}/v1/chat/completions" in output
+    assert_one_console(output, stopped=["web", "flower", "worker1", "deliver", "helper-calc",
+                                        "helper-image", "helper-time", "redis"])  # fmt: skip
+
+
+def assert_one_console(output: str, stopped: list[str]) -> None:
+    """Piped, `up` prints one stream of JSON lines, each naming its process; no Celery
+    banner, no wall of warnings; at the end, what it stopped."""
+    entries = [json.loads(line) for line in output.splitlines()]  # every line is JSON
+    services = {entry["service"] for entry in entries}
+    assert {"up", "web", "worker1", "deliver", "helper-calc", "flower"} <= services, services
+    assert any(e["service"] == "web" and e.get("logger", "").startswith("uvicorn")
+               for e in entries)  # fmt: skip  # uvicorn's lines in our format too
+    messages = [f"{entry['service']}: {entry['msg']}" for entry in entries]
+    assert not [m for m in messages if "[queues]" in m or "-------------- " in m]  # banner
+    assert not [m for m in messages if "SecurityWarning" in m or "superuser" in m]
+    if os.geteuid() == 0:
+        assert sum("running as root" in m for m in messages) == 1
+    for name in stopped:
+        assert any(m.startswith(f"up: stopped {name} (pid ") for m in messages), name
+    assert messages[-1] == "up: gpt4people: stopped"
 
 
 def test_up_with_zero_workers_still_serves_health(tmp_path: Path) -> None:
