@@ -80,7 +80,7 @@ def render_transcript(messages: Sequence[ChatMessage], system_prompt: str) -> Pr
             parts.append(f"{label}: {content}")
     parts.append(f"{ASSISTANT_LABEL}:" + (f" {prefill}" if prefill else ""))
     return PromptText(text="\n".join(parts), stop=TRANSCRIPT_STOPS,
-                      guard=_guard(messages, system_prompt))  # fmt: skip
+                      guard=_guard(system_prompt, transcript=True))  # fmt: skip
 
 
 def _transcript_content(message: ChatMessage) -> str:
@@ -104,10 +104,10 @@ def _arguments(arguments: str) -> object:
         return arguments
 
 
-def _guard(messages: Sequence[ChatMessage], system_prompt: str) -> AnswerGuard:
-    """The guard against reciting the instruction this conversation was given."""
-    own = messages[0].content if messages and messages[0].role == "system" else system_prompt
-    return AnswerGuard.for_instruction(own)
+def _guard(system_prompt: str, transcript: bool) -> AnswerGuard:
+    """The guard against reciting the operator's instruction and, in a transcript, writing
+    the next speaker's turn (a caller's own system message is theirs to have quoted)."""
+    return AnswerGuard.for_instruction(system_prompt, labels=transcript)
 
 
 def continues(messages: Sequence[ChatMessage]) -> bool:
@@ -166,7 +166,7 @@ def render_chat_template(
             else list(messages)
         )
         rendered = render_chat_template(template, folded, "", bos_token, eos_token)
-        return replace(rendered, guard=_guard(messages, system_prompt))
+        return replace(rendered, guard=_guard(system_prompt, transcript=False))
     except TemplateError as error:
         raise ChatTemplateError(f"chat template failed: {error}") from error
     if prefill is not None:
@@ -175,7 +175,8 @@ def render_chat_template(
             raise ChatTemplateError("the chat template dropped the assistant's last message")
         text = text[:at] + prefill
     stop = (eos_token,) if eos_token else ()
-    return PromptText(text=text, stop=stop, templated=True, guard=_guard(messages, system_prompt))
+    guard = _guard(system_prompt, transcript=False)
+    return PromptText(text=text, stop=stop, templated=True, guard=guard)
 
 
 def _template_message(message: ChatMessage) -> dict[str, object]:

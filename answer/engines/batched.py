@@ -197,13 +197,14 @@ class BatchedLlamaEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         metadata = model.metadata()
-        special = special_tokens(self._vocab, self._n_vocab, self._piece_text)
+        template = metadata.get("tokenizer.chat_template") or None
+        special = special_tokens(self._vocab, self._n_vocab, self._piece_text, template)
         # The tokens that end an answer: end of generation, and any token that is not text.
         self._ends = special.never_text | np.fromiter(
             (llama_cpp.llama_vocab_is_eog(self._vocab, t) for t in range(self._n_vocab)),
             dtype=bool, count=self._n_vocab,
         )  # fmt: skip
-        self._fitter = PromptFitter(settings, metadata.get("tokenizer.chat_template") or None,
+        self._fitter = PromptFitter(settings, template,
                                     self._tokenize, self._piece_text, model.token_bos(),
                                     model.token_eos(), special.markers)  # fmt: skip
         self.chat_template = self._fitter.chat_template
@@ -667,20 +668,24 @@ class BatchedLlamaEngine:
         for stop in request.stop:
             at = slot.text.find(stop, max(0, slot.emitted - len(stop)))
             if at >= 0:
-                slot.text = slot.text[:at]
-                self._finish(slot, "stop")
+                self._cut(slot, at)
                 return
         if request.guard is not None:
             cut = request.guard.cut(slot.text, slot.emitted)
             if cut is not None:
-                slot.text = slot.text[:cut]
-                self._finish(slot, "stop")
+                self._cut(slot, cut)
                 return
         if slot.generated >= request.max_tokens:
             self._finish(slot, "length")
             return
         self._flush(slot, final=False)
         slot.next_token = token
+
+    def _cut(self, slot: _Slot, at: int) -> None:
+        """End the answer at `at`: the bytes of a character still being decoded go too."""
+        slot.text = slot.text[:at]
+        slot.decoder.reset()
+        self._finish(slot, "stop")
 
     def _flush(self, slot: _Slot, final: bool) -> None:
         """Hand the caller the text that can no longer turn into a stop string

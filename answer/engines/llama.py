@@ -35,11 +35,13 @@ class LlamaEngine:
         self._lock = threading.Lock()
         self.model_name = model_name
         vocab = llm._model.vocab
-        special = special_tokens(vocab, llama_cpp.llama_vocab_n_tokens(vocab), self._token_text)
+        template = llm.metadata.get("tokenizer.chat_template") or None
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        special = special_tokens(vocab, n_vocab, self._token_text, template)
         self._never_text = special.never_text
         self._fitter = PromptFitter(
             settings,
-            llm.metadata.get("tokenizer.chat_template") or None,
+            template,
             lambda text, add_bos, special: llm.tokenize(text.encode("utf-8"), add_bos, special),
             self._token_text,
             llm.token_bos(),
@@ -48,8 +50,15 @@ class LlamaEngine:
         )
         self.chat_template = self._fitter.chat_template
 
-    def _not_text(self, tokens: Any, _: Any) -> bool:
-        return bool(len(tokens)) and bool(self._never_text[int(tokens[-1])])
+    def _not_text_after(self, prompt_tokens: int) -> StoppingCriteriaList:
+        """Stop once a token that is not text was generated. llama-cpp-python shows the
+        tokens evaluated so far, not the one just sampled: this stops one token later, after
+        a control token's empty text (a user-defined marker's text is a stop string)."""
+
+        def after_prompt(tokens: Any, _: Any) -> bool:
+            return len(tokens) > prompt_tokens and bool(self._never_text[int(tokens[-1])])
+
+        return StoppingCriteriaList([after_prompt])
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -112,7 +121,7 @@ class LlamaEngine:
                     grammar=grammar,
                     seed=options.seed if options.seed is not None else settings.seed,
                     # A token that is not text (a model's markup) ends the answer unshown.
-                    stopping_criteria=StoppingCriteriaList([self._not_text]),
+                    stopping_criteria=self._not_text_after(len(tokens)),
                     stream=True,
                 ),
             )

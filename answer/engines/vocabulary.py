@@ -30,8 +30,15 @@ class SpecialTokens:
     markers: tuple[str, ...]
 
 
-def special_tokens(vocab: object, n_vocab: int, text_of: Callable[[int], str]) -> SpecialTokens:
-    """Read the vocabulary's attributes once (at load)."""
+def special_tokens(
+    vocab: object, n_vocab: int, text_of: Callable[[int], str], chat_template: str | None = None
+) -> SpecialTokens:
+    """Read the vocabulary's attributes once (at load).
+
+    The stop strings are the texts a model could spell out by mistake: its end tokens,
+    the control tokens its chat template writes, and user-defined markers. Other control
+    tokens (SmolLM2's ``<filename>``) stay text when spelled: "tar -xzf <filename>".
+    """
     never_text = np.zeros(n_vocab, dtype=bool)
     markers: list[str] = []
     control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
@@ -41,12 +48,15 @@ def special_tokens(vocab: object, n_vocab: int, text_of: Callable[[int], str]) -
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
         if attr & unused or attr & control:
             never_text[token] = True
-            text = text_of(token) if attr & control and not attr & unused else ""
-            if _MARKER.match(text) or (text.startswith("<") and text.endswith(">")):
+            if attr & unused:
+                continue
+            text = text_of(token)
+            ends = llama_cpp.llama_vocab_is_eog(vocab, token)
+            if len(text) > 2 and (ends or (chat_template and text in chat_template)):
                 markers.append(text)
-        elif attr & user_defined and _MARKER.match(text_of(token)):
+        elif attr & user_defined and _MARKER.match(text := text_of(token)):
             never_text[token] = True
-            markers.append(text_of(token))
+            markers.append(text)
     # The shortest first: a model that spells one out is most likely to spell those.
-    stops = tuple(sorted(dict.fromkeys(m for m in markers if len(m) > 2), key=len))
+    stops = tuple(sorted(dict.fromkeys(markers), key=len))
     return SpecialTokens(never_text, stops[:MAX_MARKER_STOPS])

@@ -182,7 +182,8 @@ def test_the_model_vocabularies_tell_markup_from_text() -> None:
         def text_of(token: int, llm: Llama = llm) -> str:
             return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
-        found = special_tokens(vocab, llama_cpp.llama_vocab_n_tokens(vocab), text_of)
+        template = llm.metadata.get("tokenizer.chat_template")
+        found = special_tokens(vocab, llama_cpp.llama_vocab_n_tokens(vocab), text_of, template)
 
         def token(piece: str, llm: Llama = llm) -> int:
             [one] = llm.tokenize(piece.encode(), add_bos=False, special=True)
@@ -191,3 +192,15 @@ def test_the_model_vocabularies_tell_markup_from_text() -> None:
         assert all(found.never_text[token(piece)] for piece in markup), model.name
         assert not any(found.never_text[token(piece)] for piece in text), model.name
         assert set(markup[:2]) <= set(found.markers)
+        # A control token the template never writes is not a stop string: spelled out,
+        # it is text ("tar -xzf <filename>").
+        assert "<filename>" not in found.markers
+
+
+def test_a_raw_prompt_that_ends_in_a_control_token_is_still_continued(engine: Engine) -> None:
+    # The end check must look at the token just generated, not at the prompt's last one.
+    prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>"
+    generation = engine.generate(
+        ask(prompt), GenerationOptions(raw_prompt=True, temperature=0, max_tokens=12)
+    )
+    assert generation.text.startswith("assistant")
