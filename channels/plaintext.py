@@ -26,7 +26,16 @@ BULLET = "- "  # GSM-7: a "•" would make the whole SMS UCS-2, 70 characters a 
 CELL_SEPARATOR = " | "
 SAFE_LINK = re.compile(r"(?i)(https?|mailto):")
 _BREAK_TAG = re.compile(r"(?i)<br\s*/?>|</?p\b[^>]*>|</(?:div|li|tr|h[1-6])\s*>")
-_ANY_TAG = re.compile(r"<[^>]*>")
+# The HTML a model writes for formatting; any other <word> is text ("tar -xzf <archive>").
+_HTML_TAG = re.compile(
+    r"(?i)</?(?:a|abbr|b|big|blockquote|br|center|code|del|div|em|font|h[1-6]|hr|i|img|ins|"
+    r"kbd|li|mark|ol|p|pre|s|small|span|strike|strong|sub|sup|table|tbody|td|tfoot|th|thead|"
+    r"tr|tt|u|ul)\b[^<>]*>"
+)
+# Around emphasis markers, these make them arithmetic or a path, not emphasis: 2*3*4,
+# (2+3)*4*(5-1), https://x.com/*foo*/bar.
+_GLUE_BEFORE = ")]}/."
+_GLUE_AFTER = "([{/."
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
@@ -40,7 +49,11 @@ class _SafeLinks(MarkdownIt):
 
 # Raw HTML is parsed (so that a model's <br> or <b> can be turned into text) but
 # never rendered: plain text drops tags, the HTML parser escapes them.
-_PLAIN = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+_PLAIN = (
+    MarkdownIt("commonmark", {"html": True})
+    .enable(["table", "strikethrough"])
+    .disable("text_join")  # keeps a backslash escape apart, to be written as the model did
+)
 # A line break in the answer is one in the mail too, as in the text/plain part.
 _HTML = _SafeLinks("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
 
@@ -128,6 +141,8 @@ def _list_item(item: SyntaxTreeNode) -> str:
 def _inline(node: SyntaxTreeNode) -> str:
     """Inline markdown (emphasis, code, links, images, breaks) as plain text."""
     kind = node.type
+    if kind == "text_special" and node.info == "escape":
+        return node.markup  # a backslash the model wrote (a regex, a path) stays
     if kind in ("text", "code_inline", "text_special"):
         return node.content
     if kind in ("softbreak", "hardbreak"):
@@ -149,19 +164,18 @@ def _inline(node: SyntaxTreeNode) -> str:
 
 
 def _is_inside_a_word(node: SyntaxTreeNode) -> bool:
-    """``*`` markers inside a word, as in ``2*3*4``: arithmetic, not emphasis."""
+    """Markers glued to what is around them, as in ``2*3*4`` or ``(a*b)*(c*d)`` or
+    ``__init__.py``: arithmetic, a path or a name, not emphasis."""
     before, after = node.previous_sibling, node.next_sibling
-    return (
-        node.markup.startswith("*")
-        and before is not None
-        and before.type == "text"
-        and before.content[-1:].isalnum()
-        and after is not None
-        and after.type == "text"
-        and after.content[:1].isalnum()
-    )
+    left = before.content[-1:] if before is not None and before.type == "text" else ""
+    right = after.content[:1] if after is not None and after.type == "text" else ""
+    if node.markup.startswith("_"):
+        return bool(right) and (right.isalnum() or right in _GLUE_AFTER)
+    glued_left = bool(left) and (left.isalnum() or left in _GLUE_BEFORE)
+    glued_right = bool(right) and (right.isalnum() or right in _GLUE_AFTER)
+    return glued_left and glued_right
 
 
 def _html_as_text(markup: str) -> str:
     """A model's raw HTML as its text: line breaks kept, tags dropped, entities decoded."""
-    return html.unescape(_ANY_TAG.sub("", _BREAK_TAG.sub("\n", markup)))
+    return html.unescape(_HTML_TAG.sub("", _BREAK_TAG.sub("\n", markup)))

@@ -39,8 +39,10 @@ def test_the_models_markdown_is_plain_text_with_a_rendered_html_alternative() ->
     plain = message.get_body(preferencelist=("plain",))
     html = message.get_body(preferencelist=("html",))
     assert plain is not None and html is not None
+    # Text that is no formatting tag stays text: inert in a text/plain part.
     assert plain.get_content() == (
-        "Sea haiku\nWaves fold on the sand,\nsalt wind x\n\nAnn wrote:\n> A haiku?\n"
+        "Sea haiku\nWaves fold on the sand,\nsalt wind <script>x</script>\n\nAnn wrote:\n"
+        "> A haiku?\n"
     )
     rendered = html.get_content()
     assert "<h2>Sea haiku</h2>" in rendered and "<strong>Waves</strong>" in rendered

@@ -146,3 +146,18 @@ def test_the_html_alternative_links_to_images_instead_of_loading_them() -> None:
     rendered = safe_html('![a "cat"](https://tracker.example/pixel.png)')
     assert "<img" not in rendered
     assert '<a href="https://tracker.example/pixel.png">a &quot;cat&quot;</a>' in rendered
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "if x<y and y>z then stop",
+        "Run tar -xzf <archive> now",
+        "Edit __init__.py first",
+        "(2+3)*4*(5-1) = 80",
+        "https://x.com/*foo*/bar",
+        r"Regex: \d+\.\d+",
+    ],
+)
+def test_comparisons_placeholders_names_and_escapes_are_not_markup(answer: str) -> None:
+    assert plain_text(answer) == answer
