@@ -36,18 +36,24 @@ def _verified_stamp(target: Path, cache_dir: Path) -> Path:
     return cache_dir / "models" / (target.name + ".verified")
 
 
-def _is_verified(target: Path, stamp: Path) -> bool:
+def _facts(target: Path, model: BundledModel) -> list[str]:
+    """What a stamp records: the file as it was checked, and against which release."""
+    stat = target.stat()
+    return [str(stat.st_size), str(stat.st_mtime_ns), model.requirement, str(target)]
+
+
+def _is_verified(target: Path, stamp: Path, model: BundledModel) -> bool:
     if not (target.is_file() and stamp.is_file()):
         return False
-    recorded = stamp.read_text(encoding="utf-8").split()
-    stat = target.stat()
-    return recorded == [str(stat.st_size), str(stat.st_mtime_ns), str(target)]
+    return stamp.read_text(encoding="utf-8").split("\n")[:4] == _facts(target, model)
 
 
-def _stamp(target: Path, stamp: Path) -> None:
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stat = target.stat()
-    stamp.write_text(f"{stat.st_size} {stat.st_mtime_ns} {target}\n", encoding="utf-8")
+def _stamp(target: Path, stamp: Path, model: BundledModel) -> None:
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text("\n".join(_facts(target, model)) + "\n", encoding="utf-8")
+    except OSError as error:  # a read-only cache: the file is checked again next time
+        log.warning("cannot remember that %s was checked: %s", target.name, error)
 
 
 def _sha256(path: Path) -> str:
@@ -93,13 +99,13 @@ def _packaged(model: BundledModel, settings: Settings) -> Path:
     if path is None:
         raise _missing(model)
     stamp = _verified_stamp(path, settings.cache_dir)
-    if not _is_verified(path, stamp):
+    if not _is_verified(path, stamp, model):
         if _sha256(path) != model.sha256:
             raise ModelNotFoundError(
                 f"{path} is not the file {model.distribution}=={model.version} ships "
                 f"(sha256 differs): reinstall it ({model.install} --force-reinstall)"
             )
-        _stamp(path, stamp)
+        _stamp(path, stamp, model)
     return path
 
 
@@ -111,7 +117,7 @@ def _assembled(model: BundledModel, settings: Settings) -> Path:
         raise _missing(model) from None
     target = settings.cache_dir / "models" / bundled.MODEL_NAME
     stamp = _verified_stamp(target, settings.cache_dir)
-    if _is_verified(target, stamp):
+    if _is_verified(target, stamp, model):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     print(
@@ -129,7 +135,7 @@ def _assembled(model: BundledModel, settings: Settings) -> Path:
         partial.unlink(missing_ok=True)
         raise ModelNotFoundError(f"could not assemble the model {model.name}: {error}") from error
     partial.replace(target)
-    _stamp(target, stamp)
+    _stamp(target, stamp, model)
     print(
         f"gpt4people: model ready in {time.monotonic() - started:.1f}s: {target}",
         file=sys.stderr,

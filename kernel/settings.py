@@ -22,12 +22,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from kernel.catalogue import BUNDLED_MODELS, DEFAULT_MODEL
 from kernel.redis_urls import check_redis_url
 
 ENV_PREFIX = "GPT4P_"
+ENV_FILE_VARIABLE = "GPT4P_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -75,10 +83,23 @@ class Settings(BaseSettings):
         case_sensitive=False,
         validate_default=True,
         env_ignore_empty=True,  # Compose passes unset variables as ""
-        # As Compose does: a .env file in the working directory; the environment wins over it.
-        env_file=".env",
         env_file_encoding="utf-8",
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """As Compose does: a .env file in the working directory, which the environment
+        overrides; GPT4P_ENV_FILE names another file, or none when empty."""
+        env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE) or None
+        dotenv = DotEnvSettingsSource(settings_cls, env_file=env_file)
+        return init_settings, env_settings, dotenv, file_secret_settings
 
     # --- Redis and Celery -------------------------------------------------------------
     redis_url: str | None = Field(
@@ -513,6 +534,9 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as error:
         raise SettingsError(_explain(error)) from None
+    except (OSError, UnicodeDecodeError) as error:  # the .env file
+        name = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
+        raise SettingsError(f"cannot read {name} ({ENV_FILE_VARIABLE}): {error}") from None
 
 
 @lru_cache(maxsize=1)

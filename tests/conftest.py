@@ -31,6 +31,8 @@ T = TypeVar("T")
 # In-process apps and settings of the test session write their state (the SMS spool,
 # runtime files) to a folder of the session, never to the user's own.
 os.environ["GPT4P_STATE_DIR"] = tempfile.mkdtemp(prefix="gpt4p-test-state-")
+# Nor do they read a .env file a developer keeps in the repository for Compose.
+os.environ["GPT4P_ENV_FILE"] = ""
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -108,7 +110,8 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_env(state_dir: Path, **settings: str) -> dict[str, str]:
     """The environment of a child process: no stray GPT4P_* from the caller, then `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPT4P_")}
-    env.update(GPT4P_STATE_DIR=str(state_dir), GPT4P_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    env.update(GPT4P_STATE_DIR=str(state_dir), GPT4P_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+               GPT4P_ENV_FILE="")  # fmt: skip
     env.update({f"GPT4P_{k.upper()}": v for k, v in settings.items()})
     return env
 

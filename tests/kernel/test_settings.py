@@ -145,7 +145,7 @@ def test_a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins
         encoding="utf-8",
     )
     monkeypatch.chdir(tmp_path)
-    for name in ("GPT4P_HTTP_PORT", "GPT4P_IMAP_SSL", "GPT4P_N_CTX"):
+    for name in ("GPT4P_HTTP_PORT", "GPT4P_IMAP_SSL", "GPT4P_N_CTX", "GPT4P_ENV_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPT4P_N_CTX", "2048")
     settings = load_settings()
@@ -154,6 +154,13 @@ def test_a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins
 
 def test_a_wrong_value_in_dotenv_names_its_variable(state_dir: Path, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("GPT4P_HTTP_PORT=eighty\n", encoding="utf-8")
-    done = run_cli(["status"], base_env(state_dir), timeout=60, cwd=tmp_path)
+    done = run_cli(["status"], base_env(state_dir, env_file=".env"), timeout=60, cwd=tmp_path)
     assert done.returncode == 2
     assert "GPT4P_HTTP_PORT" in done.stderr and "Traceback" not in done.stderr
+    # A file saved in another encoding is a one-line error too, naming the file.
+    (tmp_path / ".env").write_bytes(b"GPT4P_SYSTEM_PROMPT=caf\xe9\n")
+    done = run_cli(["models"], base_env(state_dir, env_file=".env"), timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert ".env" in done.stderr and "Traceback" not in done.stderr
+    # GPT4P_ENV_FILE="" reads none.
+    assert run_cli(["models"], base_env(state_dir), timeout=60, cwd=tmp_path).returncode == 0
