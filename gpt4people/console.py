@@ -32,6 +32,7 @@ from kernel.redis_urls import scrub
 
 SUPERVISOR = "up"  # the name on the supervisor's own lines
 MAX_LINE_BYTES = 64 * 1024  # a JSON record with a long traceback fits; a runaway line is cut
+SECRET_MARGIN = 256  # characters dropped before a cut, longer than any secret we mask
 MAX_MESSAGE_CHARS = 8000  # the text form shows at most this much of one message
 QUEUE_LINES = 10_000  # lines waiting for the terminal before a child's are dropped
 SHORT_LEVELS = {"WARNING": "WARN", "CRITICAL": "CRIT"}
@@ -65,7 +66,10 @@ def bounded_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[st
                 if rest.endswith(b"\n"):
                     break
             if skipped:
-                line += f" ... [{skipped} more bytes cut]"
+                # What is kept ends early: a secret cut in two would not be masked.
+                margin = min(SECRET_MARGIN, len(line) // 4)
+                skipped += len(line[len(line) - margin :].encode())
+                line = line[: len(line) - margin] + f" ... [{skipped} more bytes cut]"
         yield clean_text(line)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from urllib.parse import quote
 
 from pydantic import SecretStr
 
@@ -85,8 +86,12 @@ def settings_secrets(settings: Settings, redis_url: str) -> set[str]:
         for item in value if isinstance(value, list | tuple | set) else [value]:
             if isinstance(item, SecretStr) and (secret := item.get_secret_value()):
                 found.add(secret)
-                # A login written user:password (Flower's) may be quoted as the password alone.
+                # A login written user:password (Flower's) may be quoted as the password
+                # alone, and a list of keys (GPT4P_HTTP_API_KEYS) one key at a time.
                 found.add(secret.partition(":")[2])
+                found.update(key.strip() for key in secret.split(","))
+    # As a URL or a form would quote them, too.
+    found |= {quote(secret, safe="") for secret in found}
     return {secret for secret in found if len(secret) >= 4}
 
 

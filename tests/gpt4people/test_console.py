@@ -11,6 +11,7 @@ import pytest
 from gpt4people.console import (
     MAX_LINE_BYTES,
     MAX_MESSAGE_CHARS,
+    SECRET_MARGIN,
     Console,
     ConsoleStyle,
     PlainLevels,
@@ -108,14 +109,17 @@ def test_json_output_adds_the_service_and_keeps_the_record() -> None:
 def test_an_over_long_line_is_cut_and_the_next_one_still_read() -> None:
     stream = io.BytesIO(b"x" * 1000 + b"\nnext\n" + b"y" * 64 + b"\n")
     lines = list(bounded_lines(stream, limit=64))
-    assert lines[0] == "x" * 64 + " ... [936 more bytes cut]"
+    assert lines[0] == "x" * 48 + " ... [952 more bytes cut]"  # a margin before the cut
     assert lines[1:] == ["next", "y" * 64]
+    # A secret that the cut would split is dropped whole, not printed in part.
+    (cut,) = bounded_lines(io.BytesIO(b"x" * 55 + b"hunter2-pass" + b"z" * 100), limit=64)
+    assert "hunt" not in cut
     long_message = parse_line(record(msg="z" * (MAX_MESSAGE_CHARS + 10)))
     assert render("web", long_message, TEXT).endswith("z ... [10 more characters cut]")
     (huge,) = bounded_lines(io.BytesIO(b"h" * 2 * MAX_LINE_BYTES + b"\n"))
-    assert huge.endswith(f" ... [{MAX_LINE_BYTES} more bytes cut]")
+    assert huge.endswith(f" ... [{MAX_LINE_BYTES + SECRET_MARGIN} more bytes cut]")
     shown = render("web", parse_line(huge), TEXT)  # both cuts said
-    assert shown.endswith(f"characters cut] ... [{MAX_LINE_BYTES} more bytes cut]")
+    assert shown.endswith(f"characters cut] ... [{MAX_LINE_BYTES + SECRET_MARGIN} more bytes cut]")
     assert len(shown) < MAX_MESSAGE_CHARS + 200
 
 
@@ -158,3 +162,17 @@ def test_the_console_prints_each_childs_lines_and_its_own_in_one_stream(as_json:
     else:
         assert sorted(line[9:16] for line in printed) == ["up     ", "web    ", "web    ",
                                                           "worker1"]  # fmt: skip
+
+
+def test_each_key_of_a_list_and_each_quoted_form_of_a_secret_is_masked() -> None:
+    from gpt4people.supervisor import settings_secrets
+    from kernel.settings import Settings
+
+    settings = Settings(http_api_keys="key-one-aaaaaaaaaaaa,key-two-bbbbbbbbbbbb",
+                        twilio_auth_token="tok/en+with=signs")  # fmt: skip
+    secrets = settings_secrets(settings, "redis://:pw%2Fx%40y@h:6379/0")
+    assert {"key-one-aaaaaaaaaaaa", "key-two-bbbbbbbbbbbb", "pw/x@y", "pw%2Fx%40y",
+            "tok%2Fen%2Bwith%3Dsigns"} <= secrets  # fmt: skip
+    line = record(msg="auth=tok%2Fen%2Bwith%3Dsigns key=key-two-bbbbbbbbbbbb")
+    shown = render("web", parse_line(line), TEXT, secrets)
+    assert "tok" not in shown and "key-two" not in shown
