@@ -208,7 +208,7 @@ def llama_server(
 
 
 @contextmanager
-def gpt4people(tmp: Path, threads: int, parallel: int) -> Iterator[tuple[str, str]]:
+def gpt4people(tmp: Path, threads: int, parallel: int, model: str) -> Iterator[tuple[str, str]]:
     """Redis, one batched model worker, one echo worker and the web app: (base URL, redis)."""
     sys.path.insert(0, str(ROOT))
     from gpt4people.redis_server import RedisServer, free_port, new_password
@@ -217,6 +217,7 @@ def gpt4people(tmp: Path, threads: int, parallel: int) -> Iterator[tuple[str, st
     with RedisServer(tmp / "redis", password=new_password()) as server:
         url = server.url.removesuffix("/0")  # with the password; + "/<db>"
         env = base_env(tmp, redis_url=f"{url}/0", engine="llama", parallel=str(parallel),
+                       model_path=model,
                        n_ctx=str(N_CTX), n_threads=str(threads), max_tokens="512",
                        log_level="WARNING")  # fmt: skip
         echo_env = base_env(tmp, redis_url=f"{url}/1", engine="echo", log_level="WARNING")
@@ -313,8 +314,10 @@ def main() -> None:
     # One GPT4People deployment (GPT4P_PARALLEL = the largest N) for every row, against
     # llama-server --parallel N for each N, as the issue's anchor; an idle server costs
     # nothing, so the two take turns.
-    with tempfile.TemporaryDirectory() as tmp, \
-            gpt4people(Path(tmp), args.threads, max(levels)) as (base, redis_url):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        gpt4people(Path(tmp), args.threads, max(levels), model) as (base, redis_url),
+    ):
         print(f"GPT4People at {base}", file=sys.stderr)
         template = same_prompt_template(Path(tmp) / "prompt.jinja", model)
         for n in levels:
