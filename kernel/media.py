@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from kernel.contract import MediaRef
 
@@ -15,8 +16,29 @@ ALLOWED_MEDIA_TYPES = frozenset(
 )  # fmt: skip
 
 
+# Where Twilio serves MMS media (it then redirects to its storage host, without our auth).
+TWILIO_MEDIA_ORIGIN = ("https", "api.twilio.com", 443)
+
+
 class MediaRefusedError(ValueError):
     """The media is of a type or size we do not fetch; the message says which."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of `url`, the port filled in for http and https."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"https": 443, "http": 80}.get(scheme)
+    except ValueError:  # a port out of range or not a number
+        return scheme, "", None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def media_origins(settings: Settings) -> frozenset[tuple[str, str, int | None]]:
+    """The origins media is fetched from: Twilio's media host, and the configured
+    GPT4P_TWILIO_API_BASE (scheme, host and port: a local recorder in tests)."""
+    return frozenset({TWILIO_MEDIA_ORIGIN, _origin(settings.twilio_api_base)})
 
 
 def fetch_media(ref: MediaRef, settings: Settings) -> bytes:
@@ -26,6 +48,9 @@ def fetch_media(ref: MediaRef, settings: Settings) -> bytes:
     declared = ref.content_type.split(";")[0].strip().lower()
     if declared not in ALLOWED_MEDIA_TYPES:
         raise MediaRefusedError(f"media type {declared or 'unknown'} is not accepted")
+    # Our Twilio credentials go with the request: only to Twilio (or the configured base).
+    if _origin(ref.url) not in media_origins(settings):
+        raise MediaRefusedError("media from that host is not accepted (only from Twilio's)")
     if settings.twilio_account_sid is None or settings.twilio_auth_token is None:
         raise MediaRefusedError("set GPT4P_TWILIO_ACCOUNT_SID and GPT4P_TWILIO_AUTH_TOKEN")
     auth = (settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value())

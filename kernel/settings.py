@@ -332,6 +332,35 @@ class Settings(BaseSettings):
         "again within them is refused (Twilio signs no timestamp to check instead).",
     )  # fmt: skip
 
+    # --- pictures sent back (GET /media/<token>) ----------------------------------------
+    media_ttl: int = Field(
+        600, ge=1, le=86_400,
+        description="Seconds a helper's picture stays at its /media/<token> link, for Twilio "
+        "or Telegram to fetch (more than once: retries); then Redis deletes it.",
+    )  # fmt: skip
+    media_max_bytes: int = Field(
+        5_000_000, ge=1, le=20_000_000,
+        description="Largest picture sent back by link; a larger one is not sent (the text is).",
+    )  # fmt: skip
+
+    # --- WhatsApp (through Twilio: the SMS settings above apply where none is here) -----
+    twilio_whatsapp_from: str | None = Field(
+        None, pattern=r"^whatsapp:\+[1-9][0-9]{3,16}$",
+        description="WhatsApp sender replies come from, with its prefix (whatsapp:+14155238886), "
+        "used exactly as From; unset: the Messaging Service, else the number written to.",
+    )  # fmt: skip
+    whatsapp_max_parts: int = Field(
+        3, ge=1, le=10, description="Most WhatsApp messages one reply is sent in."
+    )
+    whatsapp_max_tokens: int = Field(
+        400, ge=8, le=4096, description="Answer length asked for WhatsApp."
+    )
+    whatsapp_max_per_hour: int = Field(
+        300, ge=0, le=1_000_000,
+        description="WhatsApp messages (each part counts) sent per clock hour, all senders "
+        "together; past it replies are held for the next hour. 0: no cap.",
+    )  # fmt: skip
+
     # --- email (IMAP in, SMTP out) -----------------------------------------------------
     imap_host: str | None = Field(None, description="IMAP server; set to enable the email channel.")
     imap_port: int | None = Field(
@@ -395,6 +424,104 @@ class Settings(BaseSettings):
     email_retry_backoff: float = Field(
         5.0, ge=0.05, le=600, description="First delay before a failed send is retried, seconds."
     )
+
+    # --- Telegram (Bot API: a webhook, or long polling with `gpt4people telegram`) -------
+    telegram_bot_token: SecretStr | None = Field(
+        None, description="The bot's token from BotFather (123456:ABC...); set to enable Telegram."
+    )
+    telegram_secret: SecretStr | None = Field(
+        None,
+        description="The secret_token given to setWebhook (1-256 of A-Z a-z 0-9 _ -): POST "
+        "/telegram answers only requests carrying it; unset: the webhook answers 503.",
+    )
+    telegram_api_base: str = Field(
+        "https://api.telegram.org", pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The Bot API server's root (methods at <base>/bot<token>/<method>): a "
+        "local Bot API server, or a recorder in tests.",
+    )  # fmt: skip
+    telegram_mode: Literal["auto", "webhook", "polling"] = Field(
+        "auto",
+        description="How updates arrive: webhook (POST /telegram), or polling (`gpt4people "
+        "telegram`, started by `up`); auto: webhook when GPT4P_TELEGRAM_SECRET and "
+        "GPT4P_PUBLIC_URL are set, else polling.",
+    )
+    telegram_timeout: float = Field(10.0, gt=0, le=120, description="Seconds per Bot API call.")
+    telegram_poll_timeout: int = Field(
+        25, ge=1, le=50,
+        description="Seconds one getUpdates long poll waits for news (its HTTP timeout is 10 s "
+        "more).",
+    )  # fmt: skip
+    telegram_max_parts: int = Field(
+        3, ge=1, le=10, description="Most messages (of 4096 characters) one reply is sent in."
+    )
+    telegram_max_tokens: int = Field(
+        512, ge=8, le=4096, description="Answer length asked for Telegram."
+    )
+    telegram_max_inbound_chars: int = Field(
+        4096, ge=1, le=20_000, description="Longest message accepted; longer gets a notice."
+    )
+    telegram_rate_limit: int = Field(
+        20, ge=1, le=100_000, description="Messages one chat may send per window."
+    )
+    telegram_rate_window: int = Field(
+        3600, ge=1, le=604_800, description="Telegram rate-limit window, seconds."
+    )
+    telegram_history_turns: int = Field(
+        6, ge=0, le=100, description="Earlier exchanges kept as a chat's conversation."
+    )
+    telegram_history_chars: int = Field(
+        4000, ge=0, le=100_000, description="Most characters of history put before a message."
+    )
+    telegram_history_ttl: int = Field(
+        86_400, ge=60, le=31_536_000, description="Seconds of silence after which it is forgotten."
+    )
+    telegram_replay_window_days: int = Field(
+        30, ge=1, le=366,
+        description="Days an update is remembered: the same update posted again within them "
+        "is answered once.",
+    )  # fmt: skip
+    telegram_media_max_bytes: int = Field(
+        10_000_000, ge=1, le=20_000_000,
+        description="Largest photo fetched for a helper (Telegram's bots download 20 MB at most).",
+    )  # fmt: skip
+    telegram_retry_backoff: float = Field(
+        2.0, ge=0.05, le=600, description="First delay before a failed send is retried, seconds."
+    )
+    telegram_max_retries: int = Field(
+        6, ge=0, le=50, description="Retries of a transient Telegram send failure."
+    )
+    telegram_max_per_hour: int = Field(
+        1000, ge=0, le=1_000_000,
+        description="Telegram messages (each part counts) sent per clock hour, all chats "
+        "together; past it replies are held for the next hour. 0: no cap.",
+    )  # fmt: skip
+
+    @field_validator("telegram_bot_token")
+    @classmethod
+    def _bot_token_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never quoted: the message names the shape, not the value.
+        if value is not None and not re.fullmatch(r"\d{1,20}:[A-Za-z0-9_-]{20,100}",
+                                                  value.get_secret_value()):  # fmt: skip
+            raise ValueError("must be BotFather's token, digits:letters (123456:ABC-DEF...)")
+        return value
+
+    @field_validator("telegram_secret")
+    @classmethod
+    def _webhook_secret_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # Telegram accepts only these characters in setWebhook's secret_token.
+        secret = value.get_secret_value() if value is not None else ""
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+            raise ValueError("must be 1 to 256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @property
+    def telegram_polling(self) -> bool:
+        """Whether Telegram's updates are fetched by `gpt4people telegram` (else the webhook)."""
+        if self.telegram_bot_token is None:
+            return False
+        if self.telegram_mode == "auto":
+            return not (self.telegram_secret and self.public_url)
+        return self.telegram_mode == "polling"
 
     # --- outbound caps (everything a channel sends, all senders together) -------------
     sms_max_per_hour: int = Field(

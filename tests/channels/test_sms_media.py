@@ -6,7 +6,7 @@ import pytest
 
 from channels.sms.webhook import SmsInbound
 from kernel.contract import MediaRef
-from kernel.media import MediaRefusedError, fetch_media
+from kernel.media import MediaRefusedError, fetch_media, media_origins
 from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
 
@@ -41,7 +41,8 @@ def test_media_is_fetched_with_twilio_credentials(twilio: TwilioRecorder) -> Non
 def test_wrong_credentials_fail(twilio: TwilioRecorder) -> None:
     twilio.media["cat.png"] = (PNG, "image/png")
     ref = MediaRef(url=f"{twilio.url}/media/cat.png", content_type="image/png")
-    wrong = Settings(twilio_account_sid=twilio.account_sid, twilio_auth_token="nope")
+    wrong = Settings(twilio_account_sid=twilio.account_sid, twilio_auth_token="nope",
+                     twilio_api_base=twilio.url)  # fmt: skip
     with pytest.raises(Exception, match="401"):
         fetch_media(ref, wrong)
 
@@ -59,3 +60,28 @@ def test_media_of_other_types_is_not_fetched(twilio: TwilioRecorder, declared: s
     with pytest.raises(MediaRefusedError, match="not accepted"):
         fetch_media(ref, settings_for(twilio))
     assert "never" not in twilio.fetches
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["https://evil.example/media/cat.png", "http://api.twilio.com/media/cat.png",
+     "https://api.twilio.com:8443/media/cat.png", "https://api.twilio.com@evil.example/m",
+     "file:///etc/passwd", "{base_host}:1/media/cat.png"],
+)  # fmt: skip
+def test_media_and_credentials_go_only_to_twilio_or_the_configured_base(
+    twilio: TwilioRecorder, where: str
+) -> None:
+    # The recorder's host on another port is another origin: refused like any other host.
+    ref = MediaRef(url=where.format(base_host=twilio.url.rsplit(":", 1)[0]),
+                   content_type="image/png")  # fmt: skip
+    with pytest.raises(MediaRefusedError, match="host is not accepted"):
+        fetch_media(ref, settings_for(twilio))
+
+
+def test_media_origins_are_twilio_and_the_configured_base(twilio: TwilioRecorder) -> None:
+    port = int(twilio.url.rsplit(":", 1)[1])
+    assert media_origins(settings_for(twilio)) == {
+        ("https", "api.twilio.com", 443),
+        ("http", "127.0.0.1", port),
+    }
+    assert media_origins(Settings()) == {("https", "api.twilio.com", 443)}
