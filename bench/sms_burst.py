@@ -5,8 +5,10 @@ runs it); no worker is needed, since the webhook only verifies, records and
 enqueues. Sends 200 distinct signed webhooks, `--concurrency` at a time, and
 prints p50/p99 response times, against the anchor of the same web app's
 `GET /healthz` under the same burst. Writes bench/results/sms_burst.json.
+With ``--channel whatsapp``, the webhooks are Twilio's WhatsApp ones (``whatsapp:``
+senders) to ``POST /whatsapp``, and it writes bench/results/whatsapp_burst.json.
 
-    python -m bench.sms_burst [--n 200] [--concurrency 20]
+    python -m bench.sms_burst [--n 200] [--concurrency 20] [--channel sms|whatsapp]
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ async def _burst(n: int, concurrency: int, request: object) -> list[float]:
     return samples
 
 
-async def _run(base: str, n: int, concurrency: int) -> dict[str, float]:
+async def _run(base: str, n: int, concurrency: int, channel: str = "sms") -> dict[str, float]:
     validator = RequestValidator(TOKEN)
+    prefix = "whatsapp:" if channel == "whatsapp" else ""  # how Twilio writes the addresses
     async with httpx.AsyncClient(timeout=30) as client:
 
         async def webhook(i: int) -> httpx.Response:
             params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT,
-                      "From": f"+1555{i:07d}", "To": "+15550000000", "Body": f"question {i}",
-                      "NumMedia": "0"}  # fmt: skip
-            signature = validator.compute_signature(f"{base}/sms", params)
-            return await client.post(f"{base}/sms", data=params,
+                      "From": f"{prefix}+1555{i:07d}", "To": f"{prefix}+15550000000",
+                      "Body": f"question {i}", "NumMedia": "0"}  # fmt: skip
+            signature = validator.compute_signature(f"{base}/{channel}", params)
+            return await client.post(f"{base}/{channel}", data=params,
                                      headers={"X-Twilio-Signature": signature})  # fmt: skip
 
         async def health(_: int) -> httpx.Response:
@@ -68,8 +71,8 @@ async def _run(base: str, n: int, concurrency: int) -> dict[str, float]:
         hooks = await _burst(n, concurrency, webhook)
     return {
         "healthz_p50_ms": _quantile(anchor, 0.5), "healthz_p99_ms": _quantile(anchor, 0.99),
-        "sms_p50_ms": _quantile(hooks, 0.5), "sms_p99_ms": _quantile(hooks, 0.99),
-        "sms_mean_ms": statistics.mean(hooks) * 1000,
+        f"{channel}_p50_ms": _quantile(hooks, 0.5), f"{channel}_p99_ms": _quantile(hooks, 0.99),
+        f"{channel}_mean_ms": statistics.mean(hooks) * 1000,
     }  # fmt: skip
 
 
@@ -78,7 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--channel", choices=("sms", "whatsapp"), default="sms")
     args = parser.parse_args()
+    channel = args.channel
     sys.path.insert(0, str(ROOT))
     from gpt4people.redis_server import RedisServer, free_port
     from tests.conftest import base_env, start_web, stop_process
@@ -90,16 +95,19 @@ def main() -> None:
         port = free_port()
         web = start_web(env, port)
         try:
-            results = asyncio.run(_run(f"http://127.0.0.1:{port}", args.n, args.concurrency))
+            results = asyncio.run(
+                _run(f"http://127.0.0.1:{port}", args.n, args.concurrency, channel)
+            )
         finally:
             stop_process(web)
     print(f"{args.n} webhooks, {args.concurrency} at a time")
     for name, value in results.items():
         print(f"{name:<16}{value:>10.2f} ms")
-    print(f"sms p50 / healthz p50: {results['sms_p50_ms'] / results['healthz_p50_ms']:.1f}x")
+    ratio = results[f"{channel}_p50_ms"] / results["healthz_p50_ms"]
+    print(f"{channel} p50 / healthz p50: {ratio:.1f}x")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sms_burst.json").write_text(json.dumps(results, indent=2))
+    (out / f"{channel}_burst.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ replies and an email's text/plain part are made plain text here
 (`plain_text`), and an email's text/html alternative is rendered from the
 same markdown (`safe_html`) with the model's own HTML escaped, links only to
 http, https and mailto, and images shown as links, never loaded from a remote
-host. Both parse with markdown-it (CommonMark, plus tables and strikethrough).
+host. WhatsApp shows its own marks (``*bold*``, ``_italic_``, ``~strike~``,
+monospace in backticks): `whatsapp_text` writes the same text with those. All
+parse with markdown-it (CommonMark, plus tables and strikethrough).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from markdown_it import MarkdownIt
@@ -37,6 +40,25 @@ _HTML_TAG = re.compile(
 _GLUE_BEFORE = ")]}/."
 _GLUE_AFTER = "([{/."
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """How a text format writes emphasis, code, headings and quotes ("": not at all)."""
+
+    strong: str = ""
+    em: str = ""
+    strike: str = ""
+    code: str = ""  # around inline code
+    fence: str = ""  # on the lines above and below a code block
+    heading: str = ""  # around a heading's text
+    quote: str = ""  # before each line of a quote
+
+
+_NO_MARKS = _Marks()
+# WhatsApp's own formatting: *bold*, _italic_, ~strike~, `code`, ```block```, > quote.
+_WHATSAPP_MARKS = _Marks(strong="*", em="_", strike="~", code="`", fence="```", heading="*",
+                         quote="> ")  # fmt: skip
 
 
 class _SafeLinks(MarkdownIt):
@@ -77,7 +99,18 @@ def plain_text(markdown: str) -> str:
     An answer that has no markdown comes back as it was (runs of blank lines
     made one), whitespace included.
     """
-    text = _join_blocks(SyntaxTreeNode(_PLAIN.parse(markdown)).children)
+    return _written(markdown, _NO_MARKS)
+
+
+def whatsapp_text(markdown: str) -> str:
+    """`markdown` in WhatsApp's formatting: **bold** as *bold*, *italic* as _italic_,
+    ~~struck~~ as ~struck~, headings in bold, code in backticks, links as "text (url)"."""
+    return _written(markdown, _WHATSAPP_MARKS)
+
+
+def _written(markdown: str, marks: _Marks) -> str:
+    """`markdown` as text with `marks`; unchanged when only whitespace would change."""
+    text = _join_blocks(SyntaxTreeNode(_PLAIN.parse(markdown)).children, marks=marks)
     if text.split() == markdown.split():
         text = markdown  # nothing but whitespace would change: keep the model's own layout
     return _BLANK_LINES.sub("\n\n", text).strip("\n")
@@ -88,12 +121,14 @@ def safe_html(markdown: str) -> str:
     return _HTML.render(markdown)
 
 
-def _join_blocks(nodes: Sequence[SyntaxTreeNode], separator: str = "\n\n") -> str:
+def _join_blocks(
+    nodes: Sequence[SyntaxTreeNode], separator: str = "\n\n", marks: _Marks = _NO_MARKS
+) -> str:
     """Blocks one after another; a heading's text is on its own line, above what follows."""
     out = ""
     after_heading = False
     for node in nodes:
-        block = _block(node)
+        block = _block(node, marks)
         if not block:
             continue
         if out:
@@ -103,47 +138,55 @@ def _join_blocks(nodes: Sequence[SyntaxTreeNode], separator: str = "\n\n") -> st
     return out
 
 
-def _block(node: SyntaxTreeNode) -> str:
-    """One block (paragraph, heading, list, code, quote, table...) as plain text."""
+def _block(node: SyntaxTreeNode, marks: _Marks = _NO_MARKS) -> str:
+    """One block (paragraph, heading, list, code, quote, table...) as text with `marks`."""
     kind = node.type
-    if kind in ("paragraph", "heading"):
-        return "".join(_inline(child) for child in node.children)
+    if kind == "heading":
+        text = "".join(_inline(child, marks) for child in node.children)
+        return f"{marks.heading}{text}{marks.heading}" if text.strip() else text
+    if kind == "paragraph":
+        return "".join(_inline(child, marks) for child in node.children)
     if kind == "inline":
-        return _inline(node)
+        return _inline(node, marks)
     if kind in ("fence", "code_block"):
-        return node.content.rstrip("\n")
+        code = node.content.rstrip("\n")
+        return f"{marks.fence}\n{code}\n{marks.fence}" if marks.fence else code
     if kind == "blockquote":
-        return _join_blocks(node.children)
+        quoted = _join_blocks(node.children, marks=marks)
+        return "\n".join(marks.quote + line if line else line for line in quoted.split("\n"))
     if kind in ("bullet_list", "ordered_list"):
-        return "\n".join(_list_item(item) for item in node.children)
+        return "\n".join(_list_item(item, marks) for item in node.children)
     if kind == "table":
         rows = [row for part in node.children for row in part.children]
         return "\n".join(
-            CELL_SEPARATOR.join(_block(cell).strip() for cell in row.children) for row in rows
+            CELL_SEPARATOR.join(_block(cell, marks).strip() for cell in row.children)
+            for row in rows
         )
     if kind in ("th", "td"):
-        return "".join(_inline(child) for child in node.children)
+        return "".join(_inline(child, marks) for child in node.children)
     if kind == "html_block":
         return _html_as_text(node.content).strip("\n")
     if kind == "hr":
         return ""
-    return _join_blocks(node.children) if node.children else node.content
+    return _join_blocks(node.children, marks=marks) if node.children else node.content
 
 
-def _list_item(item: SyntaxTreeNode) -> str:
+def _list_item(item: SyntaxTreeNode, marks: _Marks = _NO_MARKS) -> str:
     """``- item`` or ``3. item``; what follows its first line is indented under it."""
     marker = f"{item.info}{item.markup} " if item.info else BULLET
-    lines = _join_blocks(item.children, separator="\n").split("\n")
+    lines = _join_blocks(item.children, separator="\n", marks=marks).split("\n")
     indent = " " * len(marker)
     return marker + "\n".join([lines[0], *(indent + line if line else line for line in lines[1:])])
 
 
-def _inline(node: SyntaxTreeNode) -> str:
-    """Inline markdown (emphasis, code, links, images, breaks) as plain text."""
+def _inline(node: SyntaxTreeNode, marks: _Marks = _NO_MARKS) -> str:
+    """Inline markdown (emphasis, code, links, images, breaks) as text with `marks`."""
     kind = node.type
     if kind == "text_special" and node.info == "escape":
         return node.markup  # a backslash the model wrote (a regex, a path) stays
-    if kind in ("text", "code_inline", "text_special"):
+    if kind == "code_inline":
+        return f"{marks.code}{node.content}{marks.code}"
+    if kind in ("text", "text_special"):
         return node.content
     if kind in ("softbreak", "hardbreak"):
         return "\n"
@@ -152,7 +195,7 @@ def _inline(node: SyntaxTreeNode) -> str:
     if kind == "image":
         alt, src = node.content, str(node.attrs.get("src", ""))
         return f"{alt} ({src})" if alt and alt != src else src
-    inner = "".join(_inline(child) for child in node.children)
+    inner = "".join(_inline(child, marks) for child in node.children)
     if kind == "link":
         href = str(node.attrs.get("href", ""))
         if node.markup == "autolink" or not inner or href in (inner, f"mailto:{inner}"):
@@ -160,7 +203,10 @@ def _inline(node: SyntaxTreeNode) -> str:
         return f"{inner} ({href})"
     if kind in ("em", "strong") and _is_inside_a_word(node):
         return node.markup + inner + node.markup
-    return inner  # em, strong, s, inline: the markers go, the words stay
+    mark = {"strong": marks.strong, "em": marks.em, "s": marks.strike}.get(kind, "")
+    if mark and inner.strip():
+        return f"{mark}{inner}{mark}"
+    return inner  # em, strong, s, inline: the markers go (or become `marks`), the words stay
 
 
 def _is_inside_a_word(node: SyntaxTreeNode) -> bool:

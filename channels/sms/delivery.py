@@ -9,6 +9,10 @@ older than the Twilio timeout + 5 s, the next attempt looks the message up in
 Twilio's message log and sends only if it is not there. Window left: Twilio's
 log lagging behind an accepted message by more than that margin.
 
+A helper's picture goes with the first part as MMS (`media_url`, a link of
+`channels.media_links` that Twilio fetches); a picture over Twilio's MMS limit, or
+one Twilio refuses, is logged and the text goes alone.
+
 Right before a reply's first part goes out, its parts are taken from the
 global hourly cap (`channels.outbound_cap`); past the cap the reply is held
 for the next hour. Retries, logs and metrics are every channel's
@@ -37,6 +41,7 @@ from channels.delivery import (
     TransientDeliveryError,
     freed_if_unsent,
 )
+from channels.media_links import picture_link
 from channels.outbound_cap import OutboundCap, Reservation
 from channels.plaintext import plain_text
 from channels.sms.split import split_for_sms
@@ -50,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # Twilio error codes that mean "this number will never take this message".
 OPTED_OUT_CODES = frozenset({21610})  # the recipient replied STOP to this sender
+# Twilio takes at most 5 MB of media per MMS (PNG, JPEG, GIF formatted for phones).
+TWILIO_MMS_MAX_BYTES = 5_000_000
 
 
 class SmsNotConfiguredError(RuntimeError):
@@ -76,15 +83,13 @@ class TwilioSender:
         )
         self.client.api.base_url = settings.twilio_api_base.rstrip("/")
 
-    def send(self, to: str, sender: str | None, body: str) -> str:
-        """Send one message; return its SID or raise Transient/PermanentDeliveryError."""
+    def send(self, to: str, sender: str | None, body: str, media_url: str | None = None) -> str:
+        """Send one message (an MMS with the picture at `media_url`); return its SID or raise
+        Transient/PermanentDeliveryError."""
         options: dict[str, Any] = {"to": to, "body": body}
-        if self.settings.twilio_messaging_service_sid:
-            options["messaging_service_sid"] = self.settings.twilio_messaging_service_sid
-        else:
-            options["from_"] = self.settings.twilio_from or sender
-            if not options["from_"]:
-                raise PermanentDeliveryError("no sender: set GPT4P_TWILIO_FROM")
+        if media_url is not None:
+            options["media_url"] = [media_url]
+        options.update(self.origin(sender))
         try:
             return str(self.client.messages.create(**options).sid)
         except TwilioRestException as error:
@@ -97,6 +102,21 @@ class TwilioSender:
             raise AmbiguousSendError(
                 f"no answer from Twilio: {error.__class__.__name__}"
             ) from error
+
+    def origin(self, sender: str | None) -> dict[str, str]:
+        """Whom a message comes from: the Messaging Service, else GPT4P_TWILIO_FROM, else
+        `sender` (the number texted)."""
+        if self.settings.twilio_messaging_service_sid:
+            return {"messaging_service_sid": self.settings.twilio_messaging_service_sid}
+        origin = self.settings.twilio_from or sender
+        if not origin:
+            raise PermanentDeliveryError("no sender: set GPT4P_TWILIO_FROM")
+        return {"from_": origin}
+
+    def parts_of(self, markdown: str, max_parts: int) -> list[str]:
+        """A reply as the messages that carry it: plain text (a phone shows ``**`` as
+        typed), in numbered parts of Twilio's 1,600 characters."""
+        return split_for_sms(plain_text(markdown), max_parts=max_parts)
 
     def find_sent(self, to: str, sender: str | None, body: str, since: float) -> str | None:
         """The SID of a message Twilio already has from us to `to` with `body`, if any."""
@@ -133,9 +153,9 @@ def send_parts(
     Twilio's message log before sending again, so a part is never sent twice.
     The parts still to send are taken from `cap` together, before the first of
     them goes out: the hourly cap holds a reply whole, never cuts it in two.
-    The model's markdown is sent as plain text: a phone shows ``**`` as typed.
+    The model's markdown is written as the channel shows it (`TwilioSender.parts_of`).
     """
-    parts = split_for_sms(plain_text(reply.text), max_parts=max_parts)
+    parts = sender.parts_of(reply.text, max_parts)
     sent, reservation = 0, None
     try:
         for index, body in enumerate(parts):
@@ -144,7 +164,7 @@ def send_parts(
             if reservation is None and cap is not None:
                 reservation = _reserve(cap, len(parts) - index, reply, index, state)
             try:
-                _send_part(reply, index, body, sender, state)
+                _send_part(reply, index, body, sender, state, with_picture=index == 0)
             except AmbiguousSendError:
                 if reservation is not None:
                     reservation.use()  # it may have gone out: it counts
@@ -184,19 +204,42 @@ def _reserve(
         return cap.take(count)
 
 
-def _send_part(reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState) -> None:
-    """Send claimed part `index` and record its SID; a failed send frees the claim."""
-    # The claim must survive a failover before the send, which cannot be undone.
+def _send_part(
+    reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState,
+    with_picture: bool = False,
+) -> None:  # fmt: skip
+    """Send claimed part `index` (with the reply's picture, if asked and it has one) and
+    record its SID; a failed send frees the claim."""
+    # The claim (and the picture Twilio will fetch) must survive a failover before the
+    # send, which cannot be undone.
     with freed_if_unsent(lambda: state.release_part(reply.job_id, index)):
+        media_url = None
+        if with_picture:
+            media_url = picture_link(state.redis, state.settings, reply, TWILIO_MMS_MAX_BYTES)
         make_durable(state.redis, state.settings)
     try:
-        sid = sender.send(reply.reply_to, reply.reply_from, body)
+        sid = _send_with_picture(reply, body, sender, media_url)
     except AmbiguousSendError:
         raise  # keep the claim: the next attempt asks Twilio before sending again
     except (TransientDeliveryError, PermanentDeliveryError):
         state.release_part(reply.job_id, index)
         raise
     state.record_part(reply.job_id, index, sid)
+
+
+def _send_with_picture(reply: Reply, body: str, sender: TwilioSender, media_url: str | None) -> str:
+    """Send `body` with the picture; when Twilio refuses the MMS (a sender or a country
+    without MMS, the picture), send the text alone rather than nothing."""
+    if media_url is None:
+        return sender.send(reply.reply_to, reply.reply_from, body)
+    try:
+        return sender.send(reply.reply_to, reply.reply_from, body, media_url)
+    except PermanentDeliveryError as error:
+        if error.code in OPTED_OUT_CODES:
+            raise
+        log.warning("reply %s: Twilio refused it as MMS (code %s); sending the text alone",
+                    reply.job_id, error.code)  # fmt: skip
+        return sender.send(reply.reply_to, reply.reply_from, body)
 
 
 class SmsDelivery(Delivery):
@@ -225,13 +268,23 @@ class SmsDelivery(Delivery):
         """What the SMS channel keeps in Redis: part claims, opt-outs, conversations."""
         return SmsState(self.redis, self.settings)
 
+    @property
+    def sender(self) -> TwilioSender:
+        """Twilio's client, as this channel sends (`origin`, `parts_of`)."""
+        return _sender()
+
+    @property
+    def max_parts(self) -> int:
+        """Most messages one reply is sent in (GPT4P_SMS_MAX_PARTS)."""
+        return self.settings.sms_max_parts
+
     def send(self) -> Outcome:
         """Send the parts not sent yet; the reply joins the number's conversation."""
         reply = self.reply
         if self.state.is_opted_out(reply.reply_to):
             log.info("reply %s not sent: %s opted out", reply.job_id, self.recipient)
             return Outcome("opted_out", {"sent": 0})
-        sent = send_parts(reply, _sender(), self.state, self.settings.sms_max_parts, self.cap())
+        sent = send_parts(reply, self.sender, self.state, self.max_parts, self.cap())
         if reply.engine != "keyword":
             self.state.remember(reply.reply_to, ChatMessage(role="assistant", content=reply.text))
         return Outcome(DELIVERED, {"sent": sent}, how=f" in {sent} part(s)")

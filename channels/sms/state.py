@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import redis
 
@@ -55,6 +55,9 @@ def number_id(number: str) -> str:
 class SmsState:
     """The SMS channel's records in Redis (one client, shared by threads)."""
 
+    # The channel's own keys: a channel built on this one (WhatsApp) shares nothing with SMS.
+    prefix: ClassVar[str] = PREFIX
+
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
@@ -71,8 +74,8 @@ class SmsState:
         """
         days = self.settings.sms_replay_window_days
         today = int(time.time()) // DAY_S
-        day_sets = [f"{PREFIX}sids:{day}" for day in range(today, today - days - 1, -1)]
-        keys = [f"{PREFIX}seen:{message_sid}", *day_sets]
+        day_sets = [f"{self.prefix}sids:{day}" for day in range(today, today - days - 1, -1)]
+        keys = [f"{self.prefix}seen:{message_sid}", *day_sets]
         found = cast(int, self.redis.eval(_CLAIM_SID, len(keys), *keys, _compact(message_sid),
                                           (days + 1) * DAY_S))  # fmt: skip
         return None if found < 0 else found
@@ -80,26 +83,26 @@ class SmsState:
     # --- opt-out ---------------------------------------------------------------------
     def opt_out(self, number: str) -> None:
         """Send nothing more to `number` until it opts in again."""
-        self.redis.sadd(f"{PREFIX}optout", number_id(number))
+        self.redis.sadd(f"{self.prefix}optout", number_id(number))
 
     def opt_in(self, number: str) -> None:
         """Let `number` receive answers again."""
-        self.redis.srem(f"{PREFIX}optout", number_id(number))
+        self.redis.srem(f"{self.prefix}optout", number_id(number))
 
     def is_opted_out(self, number: str) -> bool:
         """Whether `number` asked to receive nothing."""
-        return bool(self.redis.sismember(f"{PREFIX}optout", number_id(number)))
+        return bool(self.redis.sismember(f"{self.prefix}optout", number_id(number)))
 
     # --- rate limit ------------------------------------------------------------------
     def rate_verdict(self, number: str) -> RateVerdict:
         """Count one message: within the limit, the first over it (notify), or later (silent)."""
-        limit = SenderRateLimit(self.redis, f"{PREFIX}rate:", self.settings.sms_rate_limit,
+        limit = SenderRateLimit(self.redis, f"{self.prefix}rate:", self.settings.sms_rate_limit,
                                 self.settings.sms_rate_window)  # fmt: skip
         return limit.verdict(number_id(number))
 
     # --- conversation ----------------------------------------------------------------
     def _history_key(self, number: str) -> str:
-        return f"{PREFIX}history:{number_id(number)}"
+        return f"{self.prefix}history:{number_id(number)}"
 
     def history(self, number: str) -> list[ChatMessage]:
         """The latest turns with `number`, within the configured turn and character bounds."""
@@ -130,7 +133,7 @@ class SmsState:
 
     # --- sent parts ------------------------------------------------------------------
     def _part_key(self, job_id: str, index: int) -> str:
-        return f"{PREFIX}part:{job_id}:{index}"
+        return f"{self.prefix}part:{job_id}:{index}"
 
     def claim_part(self, job_id: str, index: int, stale_after: float) -> tuple[PartState, float]:
         """Mark part `index` as being sent now, unless it was sent or is being sent.

@@ -5,6 +5,11 @@
 ``deliver.sms`` task (`channels.sms.delivery`). A MessageSid already seen within
 GPT4P_SMS_REPLAY_WINDOW_DAYS gets the same empty answer and nothing else: Twilio's
 retries and replays of a signed webhook (which carries no signed timestamp).
+
+WhatsApp through Twilio is this channel with its own records and texts
+(`channels.whatsapp`): `twilio_webhook` serves both routes, and a message from a
+``whatsapp:`` sender posted to ``/sms`` is handed to WhatsApp once its signature
+(for ``/sms``) is checked.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
 import redis
 from celery import Celery
@@ -50,6 +55,7 @@ RATE_TEXT = "You've sent a lot of messages. Please wait a while before texting a
 TOO_LONG_TEXT = "Your message is {length} characters long; please keep it under {limit}."
 EMPTY_TEXT = "Send me a question by text and I'll answer it."
 SMS_BREVITY = " You are answering by SMS: reply in one or two short sentences, in plain text."
+WHATSAPP_PREFIX = "whatsapp:"  # how Twilio writes a WhatsApp sender in From and To
 
 
 class ForbiddenWebhookError(PermissionError):
@@ -76,7 +82,7 @@ class SmsInbound(BaseModel):
         return "".join(c for c in body if c in "\n\t" or c.isprintable())
 
     @classmethod
-    def from_form(cls, form: dict[str, str]) -> SmsInbound:
+    def from_form(cls, form: dict[str, str]) -> Self:
         """Parse Twilio's form fields, media included; raise `InvalidInboundError`."""
         try:
             inbound = cls.model_validate(form)
@@ -111,9 +117,9 @@ def _keyword(body: str) -> str:
     return body.strip().strip(".!").upper()
 
 
-def _duplicate(state: SmsState, seen_days_ago: int) -> str:
+def _duplicate(state: SmsState, seen_days_ago: int, channel: str) -> str:
     """Count a webhook whose MessageSid was seen before (Twilio's retry, or a replay)."""
-    Metrics(state.redis).count("gpt4p_webhook_duplicates", {"channel": "sms"})
+    Metrics(state.redis).count("gpt4p_webhook_duplicates", {"channel": channel})
     return f"duplicate (first seen {seen_days_ago} day(s) ago)"
 
 
@@ -121,24 +127,42 @@ class SmsChannel:
     """Turns a verified webhook into a job, or answers a keyword itself."""
 
     name = "sms"
+    label = "SMS"  # in log lines
+    inbound_type: ClassVar[type[SmsInbound]] = SmsInbound
+    state_type: ClassVar[type[SmsState]] = SmsState
+    brevity = SMS_BREVITY  # added to the system prompt
+    help_text = HELP_TEXT
 
     def __init__(self, settings: Settings, state: SmsState, celery: Celery) -> None:
         self.settings = settings
         self.state = state
         self.celery = celery
 
+    @classmethod
+    def on(cls, settings: Settings, client: Any, celery: Celery) -> Self:
+        """The channel with its records (`state_type`) in the Redis of `client`."""
+        return cls(settings, cls.state_type(client, settings), celery)
+
+    @property
+    def max_tokens(self) -> int:
+        """The answer length asked of the model (GPT4P_SMS_MAX_TOKENS)."""
+        return self.settings.sms_max_tokens
+
+    def arrived(self, inbound: SmsInbound) -> None:
+        """A message not seen before came in from `inbound.sender` (SMS notes nothing)."""
+
     def to_job(self, inbound: object) -> Job:
         """A job for an ordinary message: the number's conversation, then this message."""
-        if not isinstance(inbound, SmsInbound):
-            raise InvalidInboundError("expected an SMS webhook")
-        system = ChatMessage(role="system", content=self.settings.system_prompt + SMS_BREVITY)
+        if not isinstance(inbound, self.inbound_type):
+            raise InvalidInboundError(f"expected a webhook of the {self.label} channel")
+        system = ChatMessage(role="system", content=self.settings.system_prompt + self.brevity)
         history = self.state.history(inbound.sender)
         return Job(
-            id=f"sms-{inbound.message_sid}",
+            id=f"{self.name}-{inbound.message_sid}",
             channel=self.name,
             user=inbound.sender,
             messages=[system, *history, ChatMessage(role="user", content=inbound.body.strip())],
-            options=GenerationOptions(max_tokens=self.settings.sms_max_tokens),
+            options=GenerationOptions(max_tokens=self.max_tokens),
             reply_to=inbound.sender,
             reply_from=inbound.recipient,
             media=inbound.media,
@@ -146,7 +170,7 @@ class SmsChannel:
         )
 
     def _answer(self, inbound: SmsInbound, text: str) -> None:
-        reply = Reply(job_id=f"sms-{inbound.message_sid}", channel=self.name,
+        reply = Reply(job_id=f"{self.name}-{inbound.message_sid}", channel=self.name,
                       reply_to=inbound.sender, reply_from=inbound.recipient, text=text,
                       model="none", engine="keyword")  # fmt: skip
         enqueue_delivery(self.celery, self.state.redis, reply)
@@ -161,7 +185,8 @@ class SmsChannel:
         state, number = self.state, inbound.sender
         seen_days_ago = state.claim_message(inbound.message_sid)
         if seen_days_ago is not None and not replay:
-            return _duplicate(state, seen_days_ago)
+            return _duplicate(state, seen_days_ago, self.name)
+        self.arrived(inbound)
         keyword = _keyword(inbound.body)
         if keyword in OPT_OUT_KEYWORDS:
             state.opt_out(number)
@@ -177,7 +202,7 @@ class SmsChannel:
                 self._answer(inbound, RATE_TEXT)
             return f"rate limited ({verdict})"
         if keyword in HELP_KEYWORDS:
-            self._answer(inbound, HELP_TEXT)
+            self._answer(inbound, self.help_text)
             return "help"
         if keyword in RESET_KEYWORDS:
             state.forget(number)
@@ -216,12 +241,43 @@ async def sms_webhook(
     request: Request,
     x_twilio_signature: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Twilio's incoming-message webhook."""
+    """Twilio's incoming-message webhook (WhatsApp's too, for a ``whatsapp:`` sender)."""
+    return await twilio_webhook(request, x_twilio_signature, SmsChannel)
+
+
+def _whatsapp_channel() -> type[SmsChannel]:
+    """The WhatsApp channel (imported here, not above: it is built on this module)."""
+    from channels.whatsapp.webhook import WhatsAppChannel
+
+    return WhatsAppChannel
+
+
+def twilio_channel(kind: str) -> type[SmsChannel] | None:
+    """The channel of Twilio messages of `kind` ("sms", "whatsapp"); None for another kind."""
+    if kind == "whatsapp":
+        return _whatsapp_channel()
+    return SmsChannel if kind == SmsChannel.name else None
+
+
+def _channel_of(form: dict[str, str], route_channel: type[SmsChannel]) -> type[SmsChannel]:
+    """WhatsApp for a ``whatsapp:`` sender (Twilio posts it wherever the sender's webhook
+    points, /sms included), else the channel of the route."""
+    if form.get("From", "").startswith(WHATSAPP_PREFIX):
+        return _whatsapp_channel()
+    return route_channel
+
+
+async def twilio_webhook(
+    request: Request, signature: str | None, route_channel: type[SmsChannel]
+) -> Response:
+    """Check that our Twilio account signed the URL it called, hand the message to its
+    channel and answer with empty TwiML; spool it while Redis does not answer."""
     state = request.app.state
     settings: Settings = state.settings
+    label = route_channel.label
     if settings.twilio_auth_token is None or settings.twilio_account_sid is None:
-        log.error("SMS webhook called but GPT4P_TWILIO_AUTH_TOKEN/ACCOUNT_SID are not set")
-        return Response("SMS is not configured", status_code=503, media_type="text/plain")
+        log.error("%s webhook called but GPT4P_TWILIO_AUTH_TOKEN/ACCOUNT_SID are not set", label)
+        return Response(f"{label} is not configured", status_code=503, media_type="text/plain")
     try:
         raw_form = await request.form(max_files=0, max_fields=200)
     except Exception:  # noqa: BLE001 - any unparsable body is the sender's fault
@@ -229,50 +285,54 @@ async def sms_webhook(
     form = {k: v for k, v in raw_form.items() if isinstance(v, str)}
     token = settings.twilio_auth_token.get_secret_value()
     try:
-        verify_signature(webhook_url(request, settings), form, x_twilio_signature, token)
+        verify_signature(webhook_url(request, settings), form, signature, token)
         if form.get("AccountSid") != settings.twilio_account_sid:
             raise ForbiddenWebhookError("AccountSid is not ours")
     except ForbiddenWebhookError as error:
-        log.warning("SMS webhook refused: %s", error)  # never the message content
+        log.warning("%s webhook refused: %s", label, error)  # never the message content
         return Response("forbidden", status_code=403, media_type="text/plain")
+    channel_type = _channel_of(form, route_channel)
     try:
-        inbound = SmsInbound.from_form(form)
+        inbound = channel_type.inbound_type.from_form(form)
     except InvalidInboundError as error:
-        log.warning("SMS webhook rejected: %s", error)
+        log.warning("%s webhook rejected: %s", channel_type.label, error)
         return Response(str(error), status_code=400, media_type="text/plain")
-    channel = SmsChannel(settings, SmsState(state.sync_redis, settings), state.celery)
+    channel = channel_type.on(settings, state.sync_redis, state.celery)
     try:
         outcome = await asyncio.to_thread(channel.receive_durably, inbound)
     except (RedisUnavailableError, redis.RedisError) as error:
         try:
-            await asyncio.to_thread(state.spool.put, "sms", form)
+            await asyncio.to_thread(state.spool.put, channel_type.name, form)
         except (OSError, sqlite3.Error) as spool_error:
-            log.error("SMS %s lost: Redis (%s) and spool (%s) unavailable",
+            log.error("%s %s lost: Redis (%s) and spool (%s) unavailable", channel_type.label,
                       inbound.message_sid, error.__class__.__name__, spool_error)  # fmt: skip
             return Response("try again later", status_code=503, media_type="text/plain")
-        log.warning("SMS %s spooled: Redis unavailable (%s)", inbound.message_sid,
-                    error.__class__.__name__)  # fmt: skip
+        log.warning("%s %s spooled: Redis unavailable (%s)", channel_type.label,
+                    inbound.message_sid, error.__class__.__name__)  # fmt: skip
         return _twiml()
-    log.info("SMS %s from %s: %s", inbound.message_sid, number_id(inbound.sender), outcome)
+    log.info("%s %s from %s: %s", channel_type.label, inbound.message_sid,
+             number_id(inbound.sender), outcome)  # fmt: skip
     return _twiml()
 
 
 def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Celery) -> int:
-    """Hand spooled messages to Redis, oldest first; stop at the first Redis failure."""
-    channel = SmsChannel(settings, SmsState(client, settings), celery)
+    """Hand spooled Twilio messages (SMS, WhatsApp) to Redis, oldest first; stop at the
+    first Redis failure."""
     drained = 0
     for item_id, kind, form in spool.pending():
-        if kind != "sms":
+        channel = twilio_channel(kind)
+        if channel is None:
             continue
         try:
-            outcome = channel.receive_durably(SmsInbound.from_form(form), replay=True)
+            inbound = channel.inbound_type.from_form(form)
+            outcome = channel.on(settings, client, celery).receive_durably(inbound, replay=True)
         except (RedisUnavailableError, redis.RedisError):
             break
         except InvalidInboundError:
             outcome = "dropped (invalid)"
         spool.remove(item_id)
         drained += 1
-        log.info("spooled SMS %s: %s", form.get("MessageSid", "?"), outcome)
+        log.info("spooled %s %s: %s", channel.label, form.get("MessageSid", "?"), outcome)
     return drained
 
 
