@@ -231,6 +231,26 @@ def _cmd_email(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_telegram(args: argparse.Namespace, settings: Settings) -> int:
+    import signal as signals
+
+    from channels.telegram.poller import TelegramPollingError, UpdatePoller
+    from workers.app import app, broker_redis
+
+    def stop(*_: object) -> None:
+        poller.interrupt()
+
+    try:
+        poller = UpdatePoller(settings, broker_redis(), app)
+        signals.signal(signals.SIGTERM, stop)
+        signals.signal(signals.SIGINT, stop)
+        poller.prepare(delete_webhook=args.delete_webhook)
+    except TelegramPollingError as error:
+        raise CliError(str(error), EXIT_SETTINGS) from None
+    poller.run()
+    return 0
+
+
 def _cmd_helper(args: argparse.Namespace, settings: Settings) -> int:
     from helpers.worker import HelperNotFoundError, load_helper, run_helper_worker
     from workers.app import app
@@ -390,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     email = commands.add_parser("email", help="answer mail: watch the IMAP mailbox (GPT4P_IMAP_*)")
     email.set_defaults(handler=_cmd_email)
+
+    telegram = commands.add_parser(
+        "telegram", help="answer Telegram by long polling (GPT4P_TELEGRAM_BOT_TOKEN)"
+    )
+    telegram.add_argument(
+        "--delete-webhook", action="store_true",
+        help="remove the bot's webhook first (Telegram answers no polling while one is set)",
+    )  # fmt: skip
+    telegram.set_defaults(handler=_cmd_telegram)
 
     deliver = commands.add_parser(
         "deliver", help="send replies out (SMS, email) from the deliver.* queues"

@@ -54,6 +54,8 @@ def load(ref: MediaRef) -> bytes:
         if len(data) > MAX_BYTES:
             raise HelperError(f"the picture is larger than {MAX_BYTES // 1_000_000} MB")
         return data
+    if ref.url.startswith("telegram-file:"):  # a photo sent to the Telegram bot
+        return _from_telegram(ref)
     settings = get_settings()
     allowed = {"api.twilio.com", urlparse(settings.twilio_api_base).hostname}
     if (
@@ -67,6 +69,25 @@ def load(ref: MediaRef) -> bytes:
         return fetch_media(ref, settings)
     except MediaRefusedError as error:
         raise HelperError(str(error)) from None
+
+
+def _from_telegram(ref: MediaRef) -> bytes:
+    """A photo sent to the Telegram bot, fetched from GPT4P_TELEGRAM_API_BASE only."""
+    from kernel.telegram_api import (
+        BotApiError,
+        BotApiUnreachableError,
+        TelegramFileRefusedError,
+        fetch_telegram_file,
+    )
+
+    try:
+        return fetch_telegram_file(ref, get_settings())
+    except TelegramFileRefusedError as error:
+        raise HelperError(str(error)) from None
+    except (BotApiError, BotApiUnreachableError):
+        raise HelperError(
+            "I could not fetch that photo from Telegram; please send it again"
+        ) from None
 
 
 def _open(data: bytes) -> Image.Image:
