@@ -6,6 +6,7 @@ Run it with ``uvicorn channels.web:create_app --factory`` (``gpt4people up`` doe
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,9 +32,11 @@ from channels.http.guard import (
     SafeErrors,
 )
 from channels.http.openai_schema import error_body
+from channels.media_links import router as media_router
 from channels.sms.spool import InboundSpool
 from channels.sms.webhook import drain_spool, sync_redis_for
-from channels.sms.webhook import router as sms_router
+from channels.telegram.webhook import drain_spool as drain_telegram_spool
+from kernel.channels import webhook_channels
 from kernel.metrics import RedisCollector
 from kernel.redis_client import aclose_redis, async_redis_client, close_redis, resolve_redis_url
 from kernel.settings import Settings, get_settings
@@ -63,15 +66,30 @@ async def _drain_forever(app: FastAPI) -> None:
         await asyncio.sleep(SPOOL_DRAIN_INTERVAL_S)
         try:
             if len(state.spool):
-                await asyncio.to_thread(
-                    drain_spool, state.spool, state.settings, state.sync_redis, state.celery
-                )
+                # Each drain hands over its own kinds (Twilio's; Telegram's) and leaves the rest.
+                for drain in (drain_spool, drain_telegram_spool):
+                    await asyncio.to_thread(
+                        drain, state.spool, state.settings, state.sync_redis, state.celery
+                    )
         except Exception as error:  # noqa: BLE001 - the drainer must outlive any one failure
             log.warning("spool drain failed (%s); retrying", error.__class__.__name__)
 
 
+def channel_routers() -> list[APIRouter]:
+    """Every registered channel's webhook router (kernel.channels), by the convention
+    ``channels.<name>.webhook.router``; each must serve its channel's route."""
+    routers = []
+    for facts in webhook_channels():
+        router = importlib.import_module(f"channels.{facts.name}.webhook").router
+        if facts.route not in {getattr(route, "path", None) for route in router.routes}:
+            raise RuntimeError(f"channels.{facts.name}.webhook.router does not serve "
+                               f"{facts.route}, the route kernel.channels registers")  # fmt: skip
+        routers.append(router)
+    return routers
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI application with every configured channel."""
+    """The FastAPI application with every registered channel's webhook (kernel.channels)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -95,7 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = celery_for(settings)
     app.include_router(openai_router)
-    app.include_router(sms_router)
+    for router in channel_routers():
+        app.include_router(router)
+    app.include_router(media_router)  # GET /media/<token>: pictures sent back
     _add_guards(app, settings)
 
     @app.exception_handler(ApiError)

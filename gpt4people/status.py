@@ -1,4 +1,5 @@
-"""What `gpt4people status` reports: Redis, live workers, queue depths, the model."""
+"""What `gpt4people status` reports: Redis, live workers, queue depths, the model, and
+each registered channel (kernel.channels): enabled or not, its route, its delivery queue."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any, cast
 
 import redis
 
+from kernel.channels import CHANNELS
 from kernel.contract import INFERENCE_QUEUE
 from kernel.model_files import model_label
 from kernel.redis_client import redis_client, resolve_redis_url
@@ -25,6 +27,23 @@ def queue_depths(client: redis.Redis) -> dict[str, int]:
         for name in sorted(names)
         if name == INFERENCE_QUEUE or client.type(name) == b"list"
     }
+
+
+def channel_report(settings: Settings, queues: dict[str, int] | None) -> dict[str, Any]:
+    """Each registered channel: whether `settings` enable it, its webhook route, its own
+    process, its delivery queue and the replies waiting there (None: Redis not asked)."""
+    report = {}
+    for facts in CHANNELS.values():
+        queue = facts.delivery_queue if facts.delivers_later else None
+        report[facts.name] = {
+            "configured": facts.configured(settings),
+            "route": facts.route,
+            "command": facts.command,
+            "queue": queue,
+            "waiting": None if queue is None or queues is None else queues.get(queue, 0),
+            "settings": [f"GPT4P_{name.upper()}" for name in facts.settings],
+        }
+    return report
 
 
 def _workers(timeout: float) -> dict[str, Any]:
@@ -51,6 +70,7 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         "model": model_label(settings),
         "workers": {},
         "queues": {},
+        "channels": channel_report(settings, None),
     }
     client = redis_client(url, settings, socket_connect_timeout=2, socket_timeout=2)
     try:
@@ -58,6 +78,7 @@ def collect_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
         report["redis"]["version"] = info.get("redis_version")
         report["redis"]["up"] = True
         report["queues"] = queue_depths(client)
+        report["channels"] = channel_report(settings, report["queues"])
     except redis.RedisError as error:
         report["redis"]["error"] = redact_text(f"{error.__class__.__name__}: {error}")
         return report
@@ -84,4 +105,19 @@ def format_status(report: dict[str, Any]) -> str:
     lines.append("queues")
     for name, depth in report["queues"].items():
         lines.append(f"  {name:<20} {depth} waiting")
+    lines.append("channels")
+    lines.extend(_channel_lines(report["channels"]))
     return "\n".join(lines)
+
+
+def _channel_lines(channels: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, info in channels.items():
+        state = "configured" if info["configured"] else "not configured"
+        way = [f"POST {info['route']}"] if info["route"] else []
+        way += [f"gpt4people {info['command']}"] if info["command"] else []
+        queue = f"{info['queue']} {info['waiting']} waiting" if info["queue"] else ""
+        lines.append(f"  {name:<10} {state:<15} {', '.join(way) or '-':<24} {queue}".rstrip())
+        if not info["configured"] and info["settings"]:
+            lines.append(f"  {'':<10} settings: {' '.join(info['settings'])}")
+    return lines

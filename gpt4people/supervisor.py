@@ -34,6 +34,7 @@ from pydantic import SecretStr
 
 from gpt4people.console import Console, ConsoleLogHandler, choose_style
 from gpt4people.redis_server import RedisServer, new_password
+from kernel.channels import started_channels
 from kernel.redis_client import ping, remove_runtime_url, running_up_pid, write_runtime_url
 from kernel.redis_urls import redact_url, scrub, url_secrets
 from kernel.settings import Settings
@@ -210,8 +211,12 @@ class Stack:
                                      "--concurrency", "1"])
             for name in BUILT_IN_HELPERS
         )  # fmt: skip
-        if self.settings.imap_host:
-            children.append(Child("email", [python, "-m", "gpt4people.cli", "email"]))
+        # Each channel's own process (the email poller, ...) once its settings enable it.
+        children.extend(
+            Child(c.command, [python, "-m", "gpt4people.cli", c.command])
+            for c in started_channels(self.settings)
+            if c.command is not None
+        )
         # uvicorn with our logging (its address and port from the settings), not its own.
         children.append(Child("web", [python, "-m", "gpt4people.webserver"]))
         # `gpt4people flower` checks its address and login itself and hands the login to

@@ -1,17 +1,51 @@
 """Every channel's facts, registered in one place: its name, whether it answers later
-(from a task on its own ``deliver.<channel>`` queue) and whether it carries pictures.
+(from a task on its own ``deliver.<channel>`` queue), whether it carries pictures, its
+webhook route, one message's length limit, the settings that enable it and the process
+`gpt4people up` starts for it.
 
-The core and the runtime ask these facts of a job's channel (`channel_facts`);
-a new channel is one sub-package of `channels` plus one line here. A channel that
-answers later has its delivery task in ``channels.<name>.delivery``, which every
-worker imports (celeryconfig).
+The core and the runtime ask these facts of a job's channel (`channel_facts`); the
+operator's tools follow the list (`CHANNELS`) instead of naming channels by hand. A new
+channel is one sub-package of `channels` plus one line here, by these conventions:
+
+- ``route``: ``channels.<name>.webhook`` has ``router`` (a FastAPI APIRouter) serving
+  ``POST <route>``; the web app mounts it (channels.web).
+- ``delivers_later``: ``channels.<name>.delivery`` registers the task
+  ``gpt4people.deliver.<name>``, which every worker imports (celeryconfig) and
+  `gpt4people deliver` consumes from ``deliver.<name>`` (all such queues by default, so
+  Compose's deliver service needs no change).
+- ``command``: `gpt4people <command>` runs the channel's own process (a poller), which
+  `gpt4people up` starts when ``configured(settings)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kernel.contract import delivery_queue, delivery_task
+from kernel.settings import Settings
+
+
+def always(_: Settings) -> bool:
+    """A channel that needs no settings (the HTTP API, the CLI) is always on."""
+    return True
+
+
+def sms_configured(settings: Settings) -> bool:
+    """Twilio's webhook is verified with the auth token of the account: both are needed."""
+    return settings.twilio_account_sid is not None and settings.twilio_auth_token is not None
+
+
+def whatsapp_configured(settings: Settings) -> bool:
+    """The Twilio account, and a WhatsApp sender or a Messaging Service to answer from."""
+    return sms_configured(settings) and bool(
+        settings.twilio_whatsapp_from or settings.twilio_messaging_service_sid
+    )
+
+
+def email_configured(settings: Settings) -> bool:
+    """The IMAP poller runs once there is a server to watch."""
+    return bool(settings.imap_host)
 
 
 @dataclass(frozen=True)
@@ -24,6 +58,17 @@ class ChannelFacts:
     # Can carry a helper's picture with the text (as an attachment): helpers make pictures
     # only for such channels.
     carries_images: bool = False
+    # Its webhook's path (POST), served by ``channels.<name>.webhook.router``; None: none.
+    route: str | None = None
+    # One message's length limit, in characters; None: no limit of the channel's own.
+    max_chars: int | None = None
+    # Whether the settings enable it (`up` starts its command, `status` says so).
+    configured: Callable[[Settings], bool] = always
+    # `gpt4people <command>`: the channel's own process, started by `up` when configured.
+    command: str | None = None
+    # The Settings fields (GPT4P_<FIELD>) an operator sets for it: `status` names them,
+    # and Compose passes each to its services (tests/test_deploy.py checks).
+    settings: tuple[str, ...] = ()
 
     @property
     def delivery_queue(self) -> str:
@@ -41,10 +86,27 @@ CHANNELS: dict[str, ChannelFacts] = {
     for facts in (
         ChannelFacts("http", delivers_later=False),
         ChannelFacts("cli", delivers_later=False),
-        ChannelFacts("sms", delivers_later=True),
-        ChannelFacts("email", delivers_later=True, carries_images=True),
+        ChannelFacts("sms", delivers_later=True, carries_images=True, route="/sms",
+                     max_chars=1600, configured=sms_configured,
+                     settings=("twilio_account_sid", "twilio_auth_token", "twilio_from",
+                               "twilio_messaging_service_sid", "public_url")),
+        ChannelFacts("email", delivers_later=True, carries_images=True,
+                     configured=email_configured, command="email",
+                     settings=("imap_host", "imap_user", "imap_password", "smtp_host",
+                               "smtp_user", "smtp_password", "email_from")),
+        ChannelFacts("whatsapp", delivers_later=True, carries_images=True, route="/whatsapp",
+                     max_chars=1600, configured=whatsapp_configured,
+                     settings=("twilio_account_sid", "twilio_auth_token", "twilio_whatsapp_from",
+                               "twilio_messaging_service_sid", "public_url")),
+        # Its webhook answers once GPT4P_TELEGRAM_SECRET is set; `up` polls instead while
+        # the settings choose polling (Settings.telegram_polling).
+        ChannelFacts("telegram", delivers_later=True, carries_images=True, route="/telegram",
+                     max_chars=4096, configured=lambda settings: settings.telegram_polling,
+                     command="telegram",
+                     settings=("telegram_bot_token", "telegram_secret", "telegram_mode",
+                               "public_url")),
     )
-}
+}  # fmt: skip
 # A job from a channel not listed (a test's, an integration's) waits for its result.
 _UNLISTED = ChannelFacts("", delivers_later=False)
 
@@ -57,3 +119,13 @@ def channel_facts(name: str) -> ChannelFacts:
 def delivered_channels() -> list[ChannelFacts]:
     """The channels that answer later, in the order they are registered."""
     return [c for c in CHANNELS.values() if c.delivers_later]
+
+
+def webhook_channels() -> list[ChannelFacts]:
+    """The channels with a webhook route (mounted by the web app), in registered order."""
+    return [c for c in CHANNELS.values() if c.route is not None]
+
+
+def started_channels(settings: Settings) -> list[ChannelFacts]:
+    """The channels whose own process (`gpt4people <command>`) `up` starts with `settings`."""
+    return [c for c in CHANNELS.values() if c.command is not None and c.configured(settings)]

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from gpt4people.cli import build_parser
+from kernel.channels import CHANNELS, delivered_channels
+from kernel.contract import delivery_queue
 from kernel.redis_urls import parse_sentinel_url
 from kernel.settings import Settings
 from tests.conftest import ROOT
@@ -186,3 +189,32 @@ def test_compose_does_not_start_with_the_example_flower_password() -> None:
         with pytest.raises(ValidationError, match=r"flower_basic_auth"):
             Settings(flower_basic_auth=f"admin:{password}")
     assert Settings(flower_basic_auth="admin:a-long-flower-password").flower_basic_auth
+
+
+def test_the_compose_deliver_service_consumes_every_delivered_channels_queue() -> None:
+    # No --channels: `gpt4people deliver` takes every delivered channel of the registry.
+    command = compose()["services"]["deliver"]["command"]
+    assert command[:2] == ["gpt4people", "deliver"]
+    consumed = {delivery_queue(name) for name in build_parser().parse_args(command[1:]).channels}
+    for facts in delivered_channels():
+        assert facts.delivery_queue in consumed, f"Compose's deliver service skips {facts.name}"
+
+
+def test_compose_runs_the_process_of_every_channel_that_has_one() -> None:
+    services = compose()["services"]
+    for facts in CHANNELS.values():
+        if facts.command is not None:
+            wanted = ["gpt4people", facts.command]
+            running = [name for name, service in services.items()
+                       if service.get("command", [])[:2] == wanted]  # fmt: skip
+            assert running, f"no Compose service runs `gpt4people {facts.command}`"
+            # Off until its settings are there, as `up` does: the operator names the profile.
+            assert all(services[name].get("profiles") for name in running), running
+
+
+def test_compose_passes_every_channels_settings_to_its_services() -> None:
+    environment = compose()["x-gpt4people"]["environment"]
+    for facts in CHANNELS.values():
+        for name in facts.settings:
+            variable = f"GPT4P_{name.upper()}"
+            assert environment.get(variable) == f"${{{variable}:-}}", (facts.name, variable)

@@ -72,8 +72,11 @@ def test_status_shows_redis_workers_queues_and_model(echo_env: dict[str, str],
     assert report["workers"]["echo@test"]["queues"] == ["inference", "inference.model.echo"]
     assert report["queues"]["inference"] == 0
     assert report["model"] == "echo"
+    assert report["channels"]["sms"]["queue"] == "deliver.sms"  # every registered channel
+    assert report["channels"]["sms"]["waiting"] == 0
     text = run_cli(["status"], echo_env).stdout
     assert "echo@test" in text and "inference" in text
+    assert "\nchannels\n" in text and "POST /sms" in text
 
 
 def test_status_with_redis_down_says_so(state_dir: Path) -> None:
