@@ -41,8 +41,9 @@ TOO_MANY_PIXELS = (
 NO_PICTURES_HERE = "Pictures cannot be sent back on this channel; ask by email to receive it."
 
 
-def load(ref: MediaRef) -> bytes:
-    """The bytes of a picture: from a data: URL, or from Twilio's media host."""
+def load(ref: MediaRef, channel: str = "") -> bytes:
+    """The bytes of a picture: from a data: URL, from Twilio's media host, or (for a job
+    that came from Telegram, and only then) from the bot's files."""
     match = _DATA_URL.match(ref.url)
     if match:
         if len(match.group(2)) > MAX_BYTES * 4 // 3 + 4:  # refuse before decoding base64
@@ -55,6 +56,8 @@ def load(ref: MediaRef) -> bytes:
             raise HelperError(f"the picture is larger than {MAX_BYTES // 1_000_000} MB")
         return data
     if ref.url.startswith("telegram-file:"):  # a photo sent to the Telegram bot
+        if channel != "telegram":  # fetched with the bot's token: for the bot's own chats
+            raise HelperError("I can only open pictures sent by MMS or inline in the request")
         return _from_telegram(ref)
     settings = get_settings()
     allowed = {"api.twilio.com", urlparse(settings.twilio_api_base).hostname}
@@ -213,4 +216,5 @@ def image_helper(request: HelperRequest) -> HelperResult:
     pictures = [m for m in request.media if m.content_type.startswith("image/")]
     if not pictures:
         raise HelperError("send a picture with your message")
-    return transform(load(pictures[0]), request.text, request.channel_carries_images)
+    return transform(load(pictures[0], request.channel), request.text,
+                     request.channel_carries_images)  # fmt: skip

@@ -44,6 +44,14 @@ class ImageUrl(BaseModel):
 
     _links_are_short = field_validator("url")(check_media_url)
 
+    @field_validator("url")
+    @classmethod
+    def _data_or_web(cls, url: str) -> str:
+        # Other schemes (file:, telegram-file:, ...) name things of ours, not the caller's.
+        if not url.startswith(("data:", "http://", "https://")):
+            raise ValueError("an image_url is a data: URL or an http(s) link")
+        return url
+
     def inline_bytes(self) -> int:
         """About how many bytes this image is once decoded, when it is inline (else 0)."""
         if not self.url.startswith("data:"):

@@ -344,20 +344,23 @@ def start_poller(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def test_polling_refuses_to_run_while_a_webhook_is_set(
+def test_polling_waits_without_polling_while_a_webhook_is_set(
     tg_env: dict[str, str], bot: TelegramRecorder
 ) -> None:
+    # It says what to fix and stays up: exiting would make `up` stop the whole stack.
     bot.webhook_url = "https://bot.example.com/telegram"
+    log = Path(tg_env["GPT4P_STATE_DIR"]) / "telegram-poller.log"
+    polls = len(bot.offsets)
+    poller = start_poller(tg_env)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "gpt4people.cli", "telegram"], env=tg_env, cwd=ROOT,
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        wait_for(lambda: log.exists() and "a webhook is set" in log.read_text(), 60,
+                 "the poller to say a webhook is set")  # fmt: skip
+        assert poller.poll() is None  # still running
+        assert len(bot.offsets) == polls  # and never asked for updates
+        assert bot.token not in log.read_text()
     finally:
+        stop_process(poller)
         bot.webhook_url = ""
-    assert result.returncode == 2
-    assert "a webhook is set" in result.stderr
-    assert bot.token not in result.stderr + result.stdout
 
 
 def test_polling_answers_and_keeps_its_place_across_a_restart(
@@ -464,3 +467,32 @@ def test_an_unreachable_api_never_names_the_token() -> None:
     with pytest.raises(BotApiUnreachableError) as raised:
         api.call("sendMessage", {"chat_id": 1, "text": "x"})
     assert token not in str(raised.value) and not raised.value.maybe_sent
+
+
+def test_only_a_telegram_job_may_open_the_bots_files() -> None:
+    # The bot's token fetches them: an HTTP caller naming a file id gets nothing of it.
+    from channels.http.openai_schema import ImageUrl
+    from helpers.image import load
+    from kernel.contract import MediaRef
+    from kernel.helper_contract import HelperError
+
+    ref = MediaRef(url="telegram-file:AgACAgIAAxkBAAIBSomeoneElsesPhoto", content_type="image/*")
+    for channel in ("http", "sms", "email", ""):
+        with pytest.raises(HelperError):
+            load(ref, channel)
+    with pytest.raises(ValueError, match="data: URL or an http"):
+        ImageUrl(url="telegram-file:AgACAgIAAxkBAAIBSomeoneElsesPhoto")
+    with pytest.raises(ValueError):
+        ImageUrl(url="file:///etc/passwd")
+
+
+def test_the_bot_is_configured_by_its_token_and_up_polls_only_without_a_webhook() -> None:
+    from kernel.channels import CHANNELS
+
+    telegram = CHANNELS["telegram"]
+    hooked = Settings(telegram_bot_token="123456:" + "a" * 35, telegram_secret="s3cret_token",
+                      public_url="https://bot.example.com")  # fmt: skip
+    polling = Settings(telegram_bot_token="123456:" + "a" * 35)
+    assert telegram.configured(hooked) and not telegram.starts_command(hooked)
+    assert telegram.configured(polling) and telegram.starts_command(polling)
+    assert not telegram.configured(Settings())
