@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kernel.contract import MediaRef
@@ -91,7 +91,7 @@ def _retry_after(body: Any) -> float | None:
 class BotApi:
     """One bot's API: `call` a method, `download` a file; each with a timeout."""
 
-    token: str
+    token: str = field(repr=False)  # never printed
     base: str
     timeout: float
     _client: httpx.Client | None = None
@@ -141,7 +141,9 @@ class BotApi:
                 response = self.client.post(url, data=form, files=files, timeout=limit)
             else:
                 response = self.client.post(url, json=params or {}, timeout=limit)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                httpx.WriteTimeout, httpx.WriteError) as error:  # fmt: skip
+            # The request never reached Telegram whole: it cannot have been acted on.
             raise BotApiUnreachableError(method, error, maybe_sent=False) from None
         except httpx.HTTPError as error:  # read/write timeouts, a connection lost midway
             raise BotApiUnreachableError(method, error, maybe_sent=True) from None

@@ -275,7 +275,10 @@ class TelegramDelivery(Delivery):
     def retry_later(self) -> Retry:
         """The task's retry after the channel's backoff, or Telegram's retry_after if longer."""
         delay = self.policy.retry_in(self.task.request.retries)
-        return self.task.retry(countdown=max(delay, self.retry_after or 0.0))
+        # At most the backoff ceiling whatever Telegram says: a day-long countdown would
+        # outlive the broker's visibility timeout and the reply would come a day late.
+        wait = min(max(delay, self.retry_after or 0.0), self.policy.backoff_ceiling_s)
+        return self.task.retry(countdown=wait)
 
 
 @app.task(name=delivery_task("telegram"), bind=True, max_retries=None)

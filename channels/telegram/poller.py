@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = ["message"]
 MAX_BACKOFF_S = 60.0
+FIX_WAIT_S = 300.0  # between checks of what only the operator can fix
 REFUSED_TOKEN = frozenset({401, 404})  # Telegram's answers to a token it does not know
 
 
@@ -70,7 +71,11 @@ class UpdatePoller:
 
     def prepare(self, delete_webhook: bool = False) -> None:
         """Make sure getUpdates may run: no webhook is set, or it is deleted when asked.
-        Waits (backing off) while Telegram does not answer."""
+
+        Waits (backing off) while Telegram does not answer, and while the operator has
+        something to fix (a webhook set, the token refused): said as an error every few
+        minutes, polling starts once it is fixed. Exiting instead would make `up` give
+        up on the whole stack after a few restarts."""
         backoff = 1.0
         while not self.stop.is_set():
             try:
@@ -78,12 +83,18 @@ class UpdatePoller:
                 return
             except BotApiError as error:
                 if error.status in REFUSED_TOKEN:
-                    raise TelegramPollingError(
-                        "Telegram refused the bot token: check GPT4P_TELEGRAM_BOT_TOKEN"
-                    ) from None
+                    self._wait_for_fix("Telegram refused the bot token: check "
+                                       "GPT4P_TELEGRAM_BOT_TOKEN")  # fmt: skip
+                    continue
                 backoff = self._pause(error, backoff, error.retry_after)
             except BotApiUnreachableError as error:
                 backoff = self._pause(error, backoff)
+            except TelegramPollingError as error:
+                self._wait_for_fix(str(error))
+
+    def _wait_for_fix(self, problem: str) -> None:
+        log.error("%s; checking again in %.0fs", problem, FIX_WAIT_S)
+        self.stop.wait(FIX_WAIT_S)
 
     def _check_webhook(self, delete_webhook: bool) -> None:
         info = self.api.call("getWebhookInfo")
@@ -119,7 +130,7 @@ class UpdatePoller:
 
     def _pause(self, error: Exception, backoff: float, retry_after: float | None = None) -> float:
         """Wait before the next try (Telegram's retry_after, else `backoff`); the next backoff."""
-        wait = max(backoff, retry_after or 0.0)
+        wait = min(max(backoff, retry_after or 0.0), MAX_BACKOFF_S)  # a hostile retry_after
         log.warning("%s; next try in %.0fs", self.api.masked(str(error)), wait)
         self.stop.wait(wait)
         return min(backoff * 2, MAX_BACKOFF_S)
