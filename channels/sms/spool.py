@@ -48,6 +48,14 @@ class InboundSpool:
             ).fetchall()
         return [(row[0], row[1], json.loads(row[2])) for row in rows]
 
+    def pending_since(self, limit: int = 100) -> list[tuple[int, str, dict[str, str], float]]:
+        """The oldest waiting messages, each with the time it was accepted."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, channel, payload, created FROM inbound ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(row[0], row[1], json.loads(row[2]), float(row[3])) for row in rows]
+
     def remove(self, item_id: int) -> None:
         """Forget a message that reached Redis."""
         with self._lock:

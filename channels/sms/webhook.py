@@ -148,8 +148,9 @@ class SmsChannel:
         """The answer length asked of the model (GPT4P_SMS_MAX_TOKENS)."""
         return self.settings.sms_max_tokens
 
-    def arrived(self, inbound: SmsInbound) -> None:
-        """A message not seen before came in from `inbound.sender` (SMS notes nothing)."""
+    def arrived(self, inbound: SmsInbound, at: float | None = None) -> None:
+        """A message not seen before came in from `inbound.sender` at `at` (None: now; a
+        spooled message's time of arrival otherwise). SMS notes nothing."""
 
     def to_job(self, inbound: object) -> Job:
         """A job for an ordinary message: the number's conversation, then this message."""
@@ -175,7 +176,9 @@ class SmsChannel:
                       model="none", engine="keyword")  # fmt: skip
         enqueue_delivery(self.celery, self.state.redis, reply)
 
-    def receive(self, inbound: SmsInbound, replay: bool = False) -> str:
+    def receive(
+        self, inbound: SmsInbound, replay: bool = False, arrived_at: float | None = None
+    ) -> str:
         """Handle one message exactly once; return what was done (for the log).
 
         `replay` is for a message taken from the spool: its first attempt may have
@@ -186,7 +189,7 @@ class SmsChannel:
         seen_days_ago = state.claim_message(inbound.message_sid)
         if seen_days_ago is not None and not replay:
             return _duplicate(state, seen_days_ago, self.name)
-        self.arrived(inbound)
+        self.arrived(inbound, arrived_at)
         keyword = _keyword(inbound.body)
         if keyword in OPT_OUT_KEYWORDS:
             state.opt_out(number)
@@ -220,10 +223,12 @@ class SmsChannel:
         state.remember(number, job.messages[-1])
         return f"queued job {job.id}"
 
-    def receive_durably(self, inbound: SmsInbound, replay: bool = False) -> str:
+    def receive_durably(
+        self, inbound: SmsInbound, replay: bool = False, arrived_at: float | None = None
+    ) -> str:
         """`receive`, returning only once Redis replicas have what it wrote (when there are
         replicas), so that Twilio's 200 or the spool's forgetting survives a failover."""
-        outcome = self.receive(inbound, replay)
+        outcome = self.receive(inbound, replay, arrived_at)
         make_durable(self.state.redis, self.settings)
         return outcome
 
@@ -319,13 +324,15 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
     """Hand spooled Twilio messages (SMS, WhatsApp) to Redis, oldest first; stop at the
     first Redis failure."""
     drained = 0
-    for item_id, kind, form in spool.pending():
+    for item_id, kind, form, created in spool.pending_since():
         channel = twilio_channel(kind)
         if channel is None:
             continue
         try:
             inbound = channel.inbound_type.from_form(form)
-            outcome = channel.on(settings, client, celery).receive_durably(inbound, replay=True)
+            outcome = channel.on(settings, client, celery).receive_durably(
+                inbound, replay=True, arrived_at=created
+            )
         except (RedisUnavailableError, redis.RedisError):
             break
         except InvalidInboundError:

@@ -27,9 +27,13 @@ class WhatsAppState(SmsState):
     def _inbound_key(self, sender: str) -> str:
         return f"{self.prefix}inbound:{number_id(sender)}"
 
-    def note_inbound(self, sender: str) -> None:
-        """`sender` wrote now: free-form replies may reach them for the next 24 hours."""
-        self.redis.set(self._inbound_key(sender), repr(time.time()), ex=WINDOW_S)
+    def note_inbound(self, sender: str, at: float | None = None) -> None:
+        """`sender` wrote at `at` (None: now): free-form replies may reach them for 24 hours
+        from then. A window already closed is not opened."""
+        when = time.time() if at is None else at
+        left = int(WINDOW_S - (time.time() - when))
+        if left > 0 and self.window_left(sender) < left:  # never shortens a later window
+            self.redis.set(self._inbound_key(sender), repr(when), ex=left)
 
     def window_left(self, sender: str) -> float:
         """Seconds left in which a free-form reply may be sent to `sender` (0: closed)."""

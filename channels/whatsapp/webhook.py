@@ -57,9 +57,10 @@ class WhatsAppChannel(SmsChannel):
         """The answer length asked of the model (GPT4P_WHATSAPP_MAX_TOKENS)."""
         return self.settings.whatsapp_max_tokens
 
-    def arrived(self, inbound: SmsInbound) -> None:
-        """The person wrote: their 24-hour window opens (again) now."""
-        self.state.note_inbound(inbound.sender)
+    def arrived(self, inbound: SmsInbound, at: float | None = None) -> None:
+        """The person wrote: their 24-hour window opens (again) from when the message came
+        (a message spooled during an outage came earlier than it is handled)."""
+        self.state.note_inbound(inbound.sender, at)
 
 
 router = APIRouter()

@@ -378,3 +378,33 @@ def test_twilios_own_window_refusal_is_not_retried_and_tells_the_operator(
     assert [c.status for c in twilio.attempts(number)] == [400]
     log = (Path(wa_env["GPT4P_STATE_DIR"]) / f"{DELIVER}.log").read_text()
     assert "refused by Twilio: the window is closed" in log
+
+
+def test_a_message_spooled_during_a_long_outage_opens_no_window_when_drained(
+    wa_env: dict[str, str], wa_redis: redis.Redis, wa_celery: Celery, number: str,
+    tmp_path: Path, twilio: TwilioRecorder,
+) -> None:  # fmt: skip
+    from channels.sms.spool import InboundSpool
+    from channels.sms.webhook import drain_spool
+    from channels.whatsapp.state import WhatsAppState
+
+    settings = settings_of(wa_env)
+    spool = InboundSpool(tmp_path / "spool.sqlite")
+    params, _ = twilio.webhook("http://x/whatsapp", number, "hello", new_sid(),
+                               To=OUR_WHATSAPP)  # fmt: skip
+    spool.put("whatsapp", params)
+    # Accepted 30 hours ago, while Redis was down; handed over only now.
+    spool._db.execute("UPDATE inbound SET created = ?", (time.time() - 30 * 3600,))
+    spool._db.commit()
+    assert drain_spool(spool, settings, wa_redis, wa_celery) == 1
+    assert WhatsAppState(wa_redis, settings).window_left(number) == 0  # the reply won't go
+    # Within the window the drained message opens it from when it came, not from now.
+    params, _ = twilio.webhook("http://x/whatsapp", number, "again", new_sid(),
+                               To=OUR_WHATSAPP)  # fmt: skip
+    spool.put("whatsapp", params)
+    spool._db.execute("UPDATE inbound SET created = ?", (time.time() - 20 * 3600,))
+    spool._db.commit()
+    assert drain_spool(spool, settings, wa_redis, wa_celery) == 1
+    left = WhatsAppState(wa_redis, settings).window_left(number)
+    assert 3.5 * 3600 < left < 4.5 * 3600
+    spool.close()
