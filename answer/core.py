@@ -106,7 +106,8 @@ def answer_after_helper(
 
 def _helper_reply(job: Job, outcome: HelperOutcome) -> Reply:
     context = dict(job.context)
-    if outcome.image_base64 and outcome.image_type and channel_facts(job.channel).carries_images:
+    if (outcome.image_base64 and outcome.image_type
+            and channel_facts(job.channel).sends_pictures(get_settings())):  # fmt: skip
         context.update(image_base64=outcome.image_base64, image_type=outcome.image_type)
     return job.reply(outcome.text, outcome.name, "helper", context=context,
                      finish_reason="stop" if outcome.ok else "fallback")  # fmt: skip

@@ -26,6 +26,7 @@ from kernel.helper_contract import MAX_REQUEST_CHARS, HelperRequest
 from kernel.helper_registry import HelperInfo, HelperRegistry
 from kernel.metrics import Metrics
 from kernel.ratelimit import SenderRateLimit
+from kernel.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class HelperGateway:
         metrics.count("gpt4p_helper_calls", {"helper": name})
         request = HelperRequest(
             text=text[:MAX_REQUEST_CHARS], media=job.media, channel=job.channel,
-            channel_carries_images=channel_facts(job.channel).carries_images,
+            channel_carries_images=channel_facts(job.channel).sends_pictures(get_settings()),
         )  # fmt: skip
         then = AfterHelper(helper=name, job=job.model_copy(update={"media": []}),
                            tool_call=tool_call)  # fmt: skip

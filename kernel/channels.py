@@ -43,6 +43,11 @@ def whatsapp_configured(settings: Settings) -> bool:
     )
 
 
+def telegram_configured(settings: Settings) -> bool:
+    """A bot token: updates come by webhook or by polling (Settings.telegram_polling)."""
+    return settings.telegram_bot_token is not None
+
+
 def email_configured(settings: Settings) -> bool:
     """The IMAP poller runs once there is a server to watch."""
     return bool(settings.imap_host)
@@ -64,11 +69,25 @@ class ChannelFacts:
     max_chars: int | None = None
     # Whether the settings enable it (`up` starts its command, `status` says so).
     configured: Callable[[Settings], bool] = always
-    # `gpt4people <command>`: the channel's own process, started by `up` when configured.
+    # `gpt4people <command>`: the channel's own process, started by `up` when configured
+    # (or, when given, when `runs_command` says so: Telegram polls only without a webhook).
     command: str | None = None
+    runs_command: Callable[[Settings], bool] | None = None
+    # Pictures go out as a link under GPT4P_PUBLIC_URL (Twilio fetches them): without
+    # one, no picture is made for the channel and the person is told so.
+    pictures_by_link: bool = False
     # The Settings fields (GPT4P_<FIELD>) an operator sets for it: `status` names them,
     # and Compose passes each to its services (tests/test_deploy.py checks).
     settings: tuple[str, ...] = ()
+
+    def sends_pictures(self, settings: Settings) -> bool:
+        """Whether a helper's picture can reach a person on this channel with `settings`."""
+        return self.carries_images and (not self.pictures_by_link or bool(settings.public_url))
+
+    def starts_command(self, settings: Settings) -> bool:
+        """Whether `up` starts this channel's own process with `settings`."""
+        wanted = self.runs_command or self.configured
+        return self.command is not None and wanted(settings)
 
     @property
     def delivery_queue(self) -> str:
@@ -87,7 +106,7 @@ CHANNELS: dict[str, ChannelFacts] = {
         ChannelFacts("http", delivers_later=False),
         ChannelFacts("cli", delivers_later=False),
         ChannelFacts("sms", delivers_later=True, carries_images=True, route="/sms",
-                     max_chars=1600, configured=sms_configured,
+                     max_chars=1600, configured=sms_configured, pictures_by_link=True,
                      settings=("twilio_account_sid", "twilio_auth_token", "twilio_from",
                                "twilio_messaging_service_sid", "public_url")),
         ChannelFacts("email", delivers_later=True, carries_images=True,
@@ -95,14 +114,14 @@ CHANNELS: dict[str, ChannelFacts] = {
                      settings=("imap_host", "imap_user", "imap_password", "smtp_host",
                                "smtp_user", "smtp_password", "email_from")),
         ChannelFacts("whatsapp", delivers_later=True, carries_images=True, route="/whatsapp",
-                     max_chars=1600, configured=whatsapp_configured,
+                     max_chars=1600, configured=whatsapp_configured, pictures_by_link=True,
                      settings=("twilio_account_sid", "twilio_auth_token", "twilio_whatsapp_from",
                                "twilio_messaging_service_sid", "public_url")),
         # Its webhook answers once GPT4P_TELEGRAM_SECRET is set; `up` polls instead while
         # the settings choose polling (Settings.telegram_polling).
         ChannelFacts("telegram", delivers_later=True, carries_images=True, route="/telegram",
-                     max_chars=4096, configured=lambda settings: settings.telegram_polling,
-                     command="telegram",
+                     max_chars=4096, configured=telegram_configured, command="telegram",
+                     runs_command=lambda settings: settings.telegram_polling,
                      settings=("telegram_bot_token", "telegram_secret", "telegram_mode",
                                "public_url")),
     )
@@ -128,4 +147,4 @@ def webhook_channels() -> list[ChannelFacts]:
 
 def started_channels(settings: Settings) -> list[ChannelFacts]:
     """The channels whose own process (`gpt4people <command>`) `up` starts with `settings`."""
-    return [c for c in CHANNELS.values() if c.command is not None and c.configured(settings)]
+    return [c for c in CHANNELS.values() if c.starts_command(settings)]

@@ -196,3 +196,14 @@ def test_metrics_report_every_delivered_channels_queue(
         for facts in delivered_channels():
             depth = registry.get_sample_value("gpt4p_queue_depth", {"queue": facts.delivery_queue})
             assert depth == (2.0 if facts is pigeon else 0.0), facts.name
+
+
+def test_pictures_go_by_link_only_where_a_public_url_is_set() -> None:
+    # Without GPT4P_PUBLIC_URL Twilio cannot fetch a picture: the helper says so instead
+    # of making one that never arrives.
+    bare, public = Settings(), Settings(public_url="https://gpt4people.example.com")
+    for name in ("sms", "whatsapp"):
+        assert not CHANNELS[name].sends_pictures(bare)
+        assert CHANNELS[name].sends_pictures(public)
+    assert CHANNELS["email"].sends_pictures(bare) and CHANNELS["telegram"].sends_pictures(bare)
+    assert not CHANNELS["http"].sends_pictures(public)
