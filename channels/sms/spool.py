@@ -40,20 +40,25 @@ class InboundSpool:
             )
             self._db.commit()
 
-    def pending(self, limit: int = 100) -> list[tuple[int, str, dict[str, str]]]:
-        """The oldest waiting messages."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, channel, payload FROM inbound ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
-        return [(row[0], row[1], json.loads(row[2])) for row in rows]
+    def pending(
+        self, kinds: tuple[str, ...] | None = None, limit: int = 100
+    ) -> list[tuple[int, str, dict[str, str]]]:
+        """The oldest waiting messages (of `kinds` only, when given)."""
+        return [(item_id, kind, payload)
+                for item_id, kind, payload, _ in self.pending_since(kinds, limit)]  # fmt: skip
 
-    def pending_since(self, limit: int = 100) -> list[tuple[int, str, dict[str, str], float]]:
-        """The oldest waiting messages, each with the time it was accepted."""
+    def pending_since(
+        self, kinds: tuple[str, ...] | None = None, limit: int = 100
+    ) -> list[tuple[int, str, dict[str, str], float]]:
+        """The oldest waiting messages (of `kinds` only, when given: items of a kind no one
+        drains never hold up the others), each with the time it was accepted."""
+        query = "SELECT id, channel, payload, created FROM inbound"
+        arguments: tuple[str, ...] = ()
+        if kinds is not None:
+            query += f" WHERE channel IN ({','.join('?' * len(kinds))})"
+            arguments = kinds
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, channel, payload, created FROM inbound ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
+            rows = self._db.execute(f"{query} ORDER BY id LIMIT ?", (*arguments, limit)).fetchall()
         return [(row[0], row[1], json.loads(row[2]), float(row[3])) for row in rows]
 
     def remove(self, item_id: int) -> None:

@@ -257,6 +257,9 @@ def _whatsapp_channel() -> type[SmsChannel]:
     return WhatsAppChannel
 
 
+TWILIO_KINDS = ("sms", "whatsapp")  # what Twilio's webhooks spool
+
+
 def twilio_channel(kind: str) -> type[SmsChannel] | None:
     """The channel of Twilio messages of `kind` ("sms", "whatsapp"); None for another kind."""
     if kind == "whatsapp":
@@ -324,7 +327,7 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
     """Hand spooled Twilio messages (SMS, WhatsApp) to Redis, oldest first; stop at the
     first Redis failure."""
     drained = 0
-    for item_id, kind, form, created in spool.pending_since():
+    for item_id, kind, form, created in spool.pending_since(TWILIO_KINDS):
         channel = twilio_channel(kind)
         if channel is None:
             continue

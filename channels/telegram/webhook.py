@@ -108,9 +108,7 @@ def drain_spool(spool: InboundSpool, settings: Settings, client: Any, celery: Ce
     """Hand spooled Telegram updates to Redis, oldest first; stop at the first Redis failure."""
     channel = TelegramChannel(settings, TelegramState(client, settings), celery)
     drained = 0
-    for item_id, kind, payload in spool.pending():
-        if kind != SPOOL_KIND:
-            continue
+    for item_id, _, payload in spool.pending((SPOOL_KIND,)):
         try:
             update = parse_update(payload.get("update", ""))
             outcome = channel.receive_durably(update, replay=True)

@@ -408,3 +408,21 @@ def test_a_message_spooled_during_a_long_outage_opens_no_window_when_drained(
     left = WhatsAppState(wa_redis, settings).window_left(number)
     assert 3.5 * 3600 < left < 4.5 * 3600
     spool.close()
+
+
+def test_spooled_items_no_one_drains_never_hold_up_the_others(
+    wa_env: dict[str, str], wa_redis: redis.Redis, wa_celery: Celery, number: str,
+    tmp_path: Path, twilio: TwilioRecorder,
+) -> None:  # fmt: skip
+    from channels.sms.spool import InboundSpool
+    from channels.sms.webhook import drain_spool
+
+    spool = InboundSpool(tmp_path / "spool.sqlite")
+    for _ in range(101):  # of a channel since removed, or of another version
+        spool.put("pigeon", {"coo": "coo"})
+    params, _ = twilio.webhook("http://x/whatsapp", number, "hello", new_sid(),
+                               To=OUR_WHATSAPP)  # fmt: skip
+    spool.put("whatsapp", params)
+    assert drain_spool(spool, settings_of(wa_env), wa_redis, wa_celery) == 1
+    assert len(spool) == 101
+    spool.close()
