@@ -42,6 +42,10 @@ def _with_telegram_bounds(settings: Settings) -> Settings:
     })  # fmt: skip
 
 
+# Telegram numbers updates anew after a week of silence (getUpdates' documentation).
+OFFSET_TTL_S = 6 * 86_400
+
+
 class TelegramState(SmsState):
     """The Telegram channel's records in Redis, per chat (one client, shared by threads).
 
@@ -59,5 +63,8 @@ class TelegramState(SmsState):
         return int(cast(bytes | None, self.redis.get(f"{PREFIX}offset:{bot}")) or 0)
 
     def advance(self, bot: str, offset: int) -> None:
-        """Every update of `bot` before `offset` is handled: getUpdates starts there."""
-        self.redis.set(f"{PREFIX}offset:{bot}", offset)
+        """Every update of `bot` before `offset` is handled: getUpdates starts there.
+
+        Forgotten after a week without updates: Telegram then numbers the next update at
+        random, possibly below our place, which would confirm it unseen."""
+        self.redis.set(f"{PREFIX}offset:{bot}", offset, ex=OFFSET_TTL_S)

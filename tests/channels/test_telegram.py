@@ -391,6 +391,9 @@ def test_polling_answers_and_keeps_its_place_across_a_restart(
     assert bot.offsets[polled] == first["update_id"] + 1
     wait_idle(tg_redis)
     assert bot.delivered(first_chat) == ["Polled question"]
+    # Its place is forgotten before Telegram numbers updates anew (after a week of silence).
+    [place] = tg_redis.keys("gpt4p:telegram:offset:*")
+    assert 0 < tg_redis.ttl(place) <= 6 * 86_400
 
 
 # --- privacy ------------------------------------------------------------------------------
