@@ -34,7 +34,7 @@ from gpt4people.redis_server import RedisServer, free_port
 from kernel.contract import Reply
 from kernel.helper_registry import HelperRegistry
 from kernel.settings import Settings
-from tests.channels.twilio_recorder import TwilioRecorder
+from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
 from tests.conftest import base_env, redis_url, start_web, start_worker, stop_process, wait_for
 from tests.helpers.conftest import start_helper
 
@@ -54,6 +54,9 @@ def jpeg(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+WHATSAPP_SENDER = "whatsapp:+14155238886"
+
+
 @pytest.fixture(scope="module")
 def media_env(redis_server: RedisServer, state_dir: Path, twilio: TwilioRecorder) -> dict[str, str]:
     port = free_port()
@@ -61,7 +64,7 @@ def media_env(redis_server: RedisServer, state_dir: Path, twilio: TwilioRecorder
         state_dir, redis_url=redis_url(redis_server, DB_MEDIA), engine="echo",
         **twilio.settings(), public_url=f"http://127.0.0.1:{port}", http_port=str(port),
         http_api_key="media-test-key-" + "k" * 24, twilio_timeout=str(TWILIO_TIMEOUT),
-        sms_retry_backoff="0.5",
+        sms_retry_backoff="0.5", twilio_whatsapp_from=WHATSAPP_SENDER,
     )  # fmt: skip
 
 
@@ -253,21 +256,24 @@ def test_a_picture_over_the_channel_limit_gets_no_link(
 # --- end to end: an MMS to /image comes back as an MMS ---------------------------------------
 
 
-def send_mms(base: str, twilio: TwilioRecorder, number: str, body: str) -> httpx.Response:
+def send_mms(
+    base: str, twilio: TwilioRecorder, number: str, body: str, path: str = "/sms", **extra: str
+) -> httpx.Response:
     """Text `body` with a 200x100 PNG attached, as Twilio posts an MMS (its media on the
-    recorder, which plays Twilio's media host)."""
+    recorder, which plays Twilio's media host), or a WhatsApp message to `path`."""
     name = "ME" + uuid.uuid4().hex
     twilio.media[name] = (png(200, 100, "green"), "image/png")
     media_url = f"{twilio.url}/2010-04-01/Accounts/{twilio.account_sid}/Media/{name}"
     params, headers = twilio.webhook(
-        f"{base}/sms",
+        f"{base}{path}",
         number,
         body,
         NumMedia="1",
         MediaUrl0=media_url,
         MediaContentType0="image/png",
+        **extra,
     )
-    return httpx.post(f"{base}/sms", data=params, headers=headers, timeout=30)
+    return httpx.post(f"{base}{path}", data=params, headers=headers, timeout=30)
 
 
 def accepted(twilio: TwilioRecorder, number: str) -> list[dict[str, Any]]:
@@ -292,6 +298,21 @@ def test_an_mms_to_the_image_helper_is_answered_with_the_picture(
     assert fetched.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(fetched.content))
     assert (picture.format, picture.size) == ("PNG", (32, 16))
+
+
+def test_a_whatsapp_picture_to_the_image_helper_is_answered_with_the_picture(
+    stack: str, twilio: TwilioRecorder
+) -> None:
+    number = "whatsapp:+15557270009"
+    sent = send_mms(stack, twilio, number, "/image thumbnail 32", path="/whatsapp",
+                    To=f"whatsapp:{OUR_NUMBER}")  # fmt: skip
+    assert sent.status_code == 200
+    (form,) = accepted(twilio, number)
+    assert form["From"] == WHATSAPP_SENDER
+    assert form["Body"].startswith("Done: 32×16 pixels")
+    fetched = httpx.get(form["MediaUrl"], timeout=10)
+    assert fetched.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched.content)).size == (32, 16)
 
 
 def test_an_mms_twilio_refuses_is_sent_as_text_alone(stack: str, twilio: TwilioRecorder) -> None:
