@@ -48,8 +48,10 @@ class ImageUrl(BaseModel):
     @classmethod
     def _data_or_web(cls, url: str) -> str:
         # Other schemes (file:, telegram-file:, ...) name things of ours, not the caller's.
-        if not url.startswith(("data:", "http://", "https://")):
-            raise ValueError("an image_url is a data: URL or an http(s) link")
+        if not url[:8].lower().startswith(("data:", "http://", "https://")):
+            raise ValueError(
+                "an image_url is a data: URL or an http(s) link: other schemes are not accepted"
+            )
         return url
 
     def inline_bytes(self) -> int:
