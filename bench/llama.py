@@ -161,6 +161,7 @@ def same_prompt_template(path: Path, model: str) -> Path:
     one); llama-server given the question alone would build a shorter prompt. The same
     prompt tokens make the two do the same work.
     """
+    import llama_cpp
     from llama_cpp import Llama
 
     from answer.prompt import build_prompt
@@ -179,7 +180,9 @@ def same_prompt_template(path: Path, model: str) -> Path:
                         token_text(vocab.token_eos())).text  # fmt: skip
     before, after = text.split(marker)
     # Both add the BOS token when the model asks for one (and not twice): leave it out here.
-    before = before.removeprefix(bos) if bos else before
+    # (SmolLM2's BOS is <|im_start|>, which its template writes itself and nobody adds.)
+    if bos and llama_cpp.llama_vocab_get_add_bos(vocab._model.vocab):
+        before = before.removeprefix(bos)
     path.write_text(before + "{{ messages[-1]['content'] | trim }}" + after)
     return path
 
