@@ -65,14 +65,21 @@ async def _drain_forever(app: FastAPI) -> None:
     while True:
         await asyncio.sleep(SPOOL_DRAIN_INTERVAL_S)
         try:
-            if len(state.spool):
-                # Each drain hands over its own kinds (Twilio's; Telegram's) and leaves the rest.
-                for drain in (drain_spool, drain_telegram_spool):
-                    await asyncio.to_thread(
-                        drain, state.spool, state.settings, state.sync_redis, state.celery
-                    )
-        except Exception as error:  # noqa: BLE001 - the drainer must outlive any one failure
-            log.warning("spool drain failed (%s); retrying", error.__class__.__name__)
+            waiting = len(state.spool)
+        except Exception as error:  # noqa: BLE001 - the drainer outlives any one failure
+            log.warning("spool unreadable (%s); retrying", error.__class__.__name__)
+            continue
+        if not waiting:
+            continue
+        # Each drain hands over its own kinds (Twilio's; Telegram's) and leaves the rest; one
+        # failing never keeps the other from running.
+        for drain in (drain_spool, drain_telegram_spool):
+            try:
+                await asyncio.to_thread(
+                    drain, state.spool, state.settings, state.sync_redis, state.celery
+                )
+            except Exception as error:  # noqa: BLE001 - the drainer outlives any one failure
+                log.warning("spool drain failed (%s); retrying", error.__class__.__name__)
 
 
 def channel_routers() -> list[APIRouter]:
