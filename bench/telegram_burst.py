@@ -1,6 +1,6 @@
 """How fast the Telegram webhook acknowledges a burst of 200 verified updates.
 
-The same measure as `bench.sms_burst` (whose burst and quantiles it reuses): its own
+The same measure as `bench.sms_burst` (whose measure and report it uses): its own
 Redis and the web app (uvicorn, one process, as `gpt4people up` runs it), no worker,
 since the webhook only verifies, records and enqueues. Sends 200 distinct updates
 from 200 chats with the secret-token header, `--concurrency` at a time, and prints
@@ -13,18 +13,12 @@ burst. Writes bench/results/telegram_burst.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import statistics
-import sys
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 
-from bench.sms_burst import _burst, _quantile
+from bench.sms_burst import Webhook, run_and_report
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN, SECRET = "123456:bench-token-of-the-telegram-bot", "bench-secret"
 
 
@@ -35,24 +29,16 @@ def _update(i: int) -> dict[str, object]:
     return {"update_id": 900_000 + i, "message": message}
 
 
-async def _run(base: str, n: int, concurrency: int) -> dict[str, float]:
+def _webhook(base: str) -> Callable[[httpx.AsyncClient], Webhook]:
     headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-    async with httpx.AsyncClient(timeout=30) as client:
 
+    def posting(client: httpx.AsyncClient) -> Webhook:
         async def webhook(i: int) -> httpx.Response:
             return await client.post(f"{base}/telegram", json=_update(i), headers=headers)
 
-        async def health(_: int) -> httpx.Response:
-            return await client.get(f"{base}/healthz")
+        return webhook
 
-        await _burst(20, concurrency, health)  # warm up
-        anchor = await _burst(n, concurrency, health)
-        hooks = await _burst(n, concurrency, webhook)
-    return {
-        "healthz_p50_ms": _quantile(anchor, 0.5), "healthz_p99_ms": _quantile(anchor, 0.99),
-        "telegram_p50_ms": _quantile(hooks, 0.5), "telegram_p99_ms": _quantile(hooks, 0.99),
-        "telegram_mean_ms": statistics.mean(hooks) * 1000,
-    }  # fmt: skip
+    return posting
 
 
 def main() -> None:
@@ -61,28 +47,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=20)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from gpt4people.redis_server import RedisServer, free_port
-    from tests.conftest import base_env, start_web, stop_process
-
-    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
-        env = base_env(Path(tmp), redis_url=server.url, engine="echo",
-                       telegram_bot_token=TOKEN, telegram_secret=SECRET,
-                       telegram_rate_limit="100000", log_level="WARNING")  # fmt: skip
-        port = free_port()
-        web = start_web(env, port)
-        try:
-            results = asyncio.run(_run(f"http://127.0.0.1:{port}", args.n, args.concurrency))
-        finally:
-            stop_process(web)
-    print(f"{args.n} Telegram updates, {args.concurrency} at a time")
-    for name, value in results.items():
-        print(f"{name:<18}{value:>10.2f} ms")
-    ratio = results["telegram_p50_ms"] / results["healthz_p50_ms"]
-    print(f"telegram p50 / healthz p50: {ratio:.1f}x")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "telegram_burst.json").write_text(json.dumps(results, indent=2))
+    settings = {"telegram_bot_token": TOKEN, "telegram_secret": SECRET,
+                "telegram_rate_limit": "100000"}  # fmt: skip
+    run_and_report("telegram", settings, args.n, args.concurrency, _webhook)
 
 
 if __name__ == "__main__":
