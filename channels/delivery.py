@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar
 
 import redis
@@ -95,6 +96,45 @@ def freed_if_unsent(release_claim: Callable[[], object]) -> Iterator[None]:
         with contextlib.suppress(redis.RedisError):
             release_claim()
         raise
+
+
+def send_each_once(
+    count: int,
+    claim: Callable[[int], bool],
+    send: Callable[[int], None],
+    release: Callable[[int], None],
+    cap: OutboundCap | None,
+    maybe_sent: type[Exception],
+) -> int:
+    """Send parts 0..`count`-1 of a reply, each at most once; return how many were sent now.
+
+    `claim(i)` claims part i in Redis (False: it went out already, or may have), `send(i)`
+    sends a claimed part and records it, `release(i)` frees a claim nothing was sent for.
+    The parts still to send are taken from `cap` together, before the first of them goes
+    out: the hourly cap holds a reply whole, never cuts it in two. A send that failed with
+    `maybe_sent` may have gone out: it counts against the cap.
+    """
+    sent, reservation = 0, None
+    try:
+        for index in range(count):
+            if not claim(index):
+                continue
+            if reservation is None and cap is not None:
+                with freed_if_unsent(partial(release, index)):
+                    reservation = cap.take(count - index)
+            try:
+                send(index)
+            except maybe_sent:
+                if reservation is not None:
+                    reservation.use()  # it may have gone out: it counts
+                raise
+            if reservation is not None:
+                reservation.use()
+            sent += 1
+    finally:
+        if reservation is not None:
+            reservation.give_back()
+    return sent
 
 
 def hold(task: Task, reply: Reply, capped: OutboundCappedError, max_age: float,

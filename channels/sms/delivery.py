@@ -40,9 +40,10 @@ from channels.delivery import (
     PermanentDeliveryError,
     TransientDeliveryError,
     freed_if_unsent,
+    send_each_once,
 )
 from channels.media_links import picture_link
-from channels.outbound_cap import OutboundCap, Reservation
+from channels.outbound_cap import OutboundCap
 from channels.plaintext import plain_text
 from channels.sms.split import split_for_sms
 from channels.sms.state import SmsState, number_id
@@ -156,26 +157,16 @@ def send_parts(
     The model's markdown is written as the channel shows it (`TwilioSender.parts_of`).
     """
     parts = sender.parts_of(reply.text, max_parts)
-    sent, reservation = 0, None
-    try:
-        for index, body in enumerate(parts):
-            if not _claim_part(reply, index, body, sender, state):
-                continue
-            if reservation is None and cap is not None:
-                reservation = _reserve(cap, len(parts) - index, reply, index, state)
-            try:
-                _send_part(reply, index, body, sender, state, with_picture=index == 0)
-            except AmbiguousSendError:
-                if reservation is not None:
-                    reservation.use()  # it may have gone out: it counts
-                raise
-            if reservation is not None:
-                reservation.use()
-            sent += 1
-    finally:
-        if reservation is not None:
-            reservation.give_back()
-    return sent
+    return send_each_once(
+        len(parts),
+        claim=lambda index: _claim_part(reply, index, parts[index], sender, state),
+        send=lambda index: _send_part(
+            reply, index, parts[index], sender, state, with_picture=index == 0
+        ),
+        release=lambda index: state.release_part(reply.job_id, index),
+        cap=cap,
+        maybe_sent=AmbiguousSendError,
+    )
 
 
 def _claim_part(reply: Reply, index: int, body: str, sender: TwilioSender, state: SmsState) -> bool:
@@ -194,14 +185,6 @@ def _claim_part(reply: Reply, index: int, body: str, sender: TwilioSender, state
             return False
         state.reclaim_part(reply.job_id, index)
     return True
-
-
-def _reserve(
-    cap: OutboundCap, count: int, reply: Reply, index: int, state: SmsState
-) -> Reservation:
-    """`count` sends from this hour's cap; part `index` is freed again when there are none."""
-    with freed_if_unsent(lambda: state.release_part(reply.job_id, index)):
-        return cap.take(count)
 
 
 def _send_part(

@@ -43,9 +43,10 @@ from channels.delivery import (
     PermanentDeliveryError,
     TransientDeliveryError,
     freed_if_unsent,
+    send_each_once,
 )
 from channels.media_links import image_of
-from channels.outbound_cap import OutboundCap, Reservation
+from channels.outbound_cap import OutboundCap
 from channels.plaintext import plain_text
 from channels.sms.split import split_for_sms, utf16_len
 from channels.telegram.state import TelegramState, chat_id, chat_key
@@ -135,31 +136,10 @@ class TelegramSender:
     def send_all(self, parts: list[Part], cap: OutboundCap | None) -> int:
         """Send every part not sent yet; return how many were sent now. The parts still to
         send are taken from `cap` together, before the first goes out."""
-        sent, reservation = 0, None
-        try:
-            for index, part in enumerate(parts):
-                if not self._claim(index):
-                    continue
-                if reservation is None and cap is not None:
-                    reservation = self._reserve(cap, len(parts) - index, index)
-                try:
-                    self._send(index, part)
-                except UnconfirmedSendError:
-                    if reservation is not None:
-                        reservation.use()  # it may have gone out: it counts
-                    raise
-                if reservation is not None:
-                    reservation.use()
-                sent += 1
-        finally:
-            if reservation is not None:
-                reservation.give_back()
-        return sent
-
-    def _reserve(self, cap: OutboundCap, count: int, index: int) -> Reservation:
-        """`count` sends from this hour's cap; part `index` is freed again when there are none."""
-        with freed_if_unsent(lambda: self._release(index)):
-            return cap.take(count)
+        return send_each_once(len(parts), claim=self._claim,
+                              send=lambda index: self._send(index, parts[index]),
+                              release=self._release, cap=cap,
+                              maybe_sent=UnconfirmedSendError)  # fmt: skip
 
     def _key(self) -> str:
         return self.reply.job_id
