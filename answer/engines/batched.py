@@ -200,10 +200,7 @@ class BatchedLlamaEngine:
         template = metadata.get("tokenizer.chat_template") or None
         special = special_tokens(self._vocab, self._n_vocab, self._piece_text, template)
         # The tokens that end an answer: end of generation, and any token that is not text.
-        self._ends = special.never_text | np.fromiter(
-            (llama_cpp.llama_vocab_is_eog(self._vocab, t) for t in range(self._n_vocab)),
-            dtype=bool, count=self._n_vocab,
-        )  # fmt: skip
+        self._ends = special.never_text
         self._fitter = PromptFitter(settings, template,
                                     self._tokenize, self._piece_text, model.token_bos(),
                                     model.token_eos(), special.markers)  # fmt: skip

@@ -26,7 +26,7 @@ MAX_MARKER_STOPS = 32
 class SpecialTokens:
     """The tokens that end an answer and the marker texts that are stop strings."""
 
-    never_text: np.ndarray  # bool per token id
+    never_text: np.ndarray  # bool per token id: markup, and the end-of-generation tokens
     markers: tuple[str, ...]
 
 
@@ -46,12 +46,12 @@ def special_tokens(
     user_defined = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
     for token in range(n_vocab):
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
-        if attr & unused or attr & control:
+        ends = llama_cpp.llama_vocab_is_eog(vocab, token)
+        if ends or attr & unused or attr & control:
             never_text[token] = True
             if attr & unused:
                 continue
             text = text_of(token)
-            ends = llama_cpp.llama_vocab_is_eog(vocab, token)
             if len(text) > 2 and (ends or (chat_template and text in chat_template)):
                 markers.append(text)
         elif attr & user_defined and _MARKER.match(text := text_of(token)):
