@@ -8,7 +8,11 @@ Measures, in one run:
 - cN: aggregate completion tokens/s with N concurrent 128-token requests, against
   ``llama-server --parallel N``;
 - queue overhead: an echo job through the whole pipeline against a bare Redis
-  LPUSH/BRPOP round trip on the same Redis.
+  LPUSH/BRPOP round trip on the same Redis;
+- echo job over HTTP against a bare Celery round trip: `POST /v1/chat/completions`
+  to a web app of its own in front of the echo worker, against ``noop.delay().get()``
+  of a minimal Celery app (bench/bare_celery.py, Celery's defaults, its own
+  ``celery worker --concurrency 1``) on another database of the same Redis.
 
 GPT4People runs as a user runs it: its own Redis, one ``gpt4people worker``
 (batched, GPT4P_PARALLEL slots) and the web app. The anchor ``llama-server``
@@ -18,6 +22,7 @@ median of every sample. Ratios are what to read: these machines are noisy.
 Writes bench/results/llama.json (with every sample).
 
     python -m bench.llama [--concurrency 1,4,16] [--tiny-n 20] [--streams 3] [--rounds 4]
+                          [--queue-n 30]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,15 +188,25 @@ def same_prompt_template(path: Path, model: str) -> Path:
     # (SmolLM2's BOS is <|im_start|>, which its template writes itself and nobody adds.)
     if bos and llama_cpp.llama_vocab_get_add_bos(vocab._model.vocab):
         before = before.removeprefix(bos)
-    path.write_text(before + "{{ messages[-1]['content'] | trim }}" + after)
+    path.write_text(jinja_literal(before) + "{{ messages[-1]['content'] | trim }}"
+                    + jinja_literal(after))  # fmt: skip
     return path
+
+
+def jinja_literal(text: str) -> str:
+    """A Jinja expression that writes `text` exactly. As template text, its last newline
+    would be lost (Jinja and llama-server's engine drop a template's trailing newline:
+    the prompt's after "assistant", for one) and whitespace next to a block tag too."""
+    return "{{ '" + text.replace("\\", "\\\\").replace("'", "\\'") + "' }}"
 
 
 @contextmanager
 def llama_server(
-    binary: str, model: str, threads: int, parallel: int, template: Path
-) -> Iterator[str]:
-    """The anchor: llama.cpp's server with `parallel` slots of N_CTX tokens each."""
+    binary: str, model: str, threads: int, parallel: int, template: Path,
+    extra: Sequence[str] = (),
+) -> Iterator[str]:  # fmt: skip
+    """The anchor: llama.cpp's server with `parallel` slots of N_CTX tokens each (and the
+    `extra` arguments)."""
     from gpt4people.redis_server import free_port
 
     port = free_port()
@@ -199,7 +214,7 @@ def llama_server(
         [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
          "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * parallel),
          "--parallel", str(parallel), "--no-webui", "--log-disable",
-         "--jinja", "--chat-template-file", str(template)],
+         "--jinja", "--chat-template-file", str(template), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -211,8 +226,13 @@ def llama_server(
 
 
 @contextmanager
-def gpt4people(tmp: Path, threads: int, parallel: int, model: str) -> Iterator[tuple[str, str]]:
-    """Redis, one batched model worker, one echo worker and the web app: (base URL, redis)."""
+def gpt4people(
+    tmp: Path, threads: int, parallel: int, model: str, *,
+    settings: dict[str, str] | None = None, deliver: bool = False,
+) -> Iterator[tuple[str, str]]:  # fmt: skip
+    """Redis, one batched model worker, one echo worker (database 1) and the web app:
+    (base URL, redis). `settings`: more of the model side's (GPT4P_<NAME>); `deliver`:
+    a delivery worker too (`gpt4people deliver`)."""
     sys.path.insert(0, str(ROOT))
     from gpt4people.redis_server import RedisServer, free_port, new_password
     from tests.conftest import base_env, start_web, start_worker, stop_process
@@ -222,17 +242,102 @@ def gpt4people(tmp: Path, threads: int, parallel: int, model: str) -> Iterator[t
         env = base_env(tmp, redis_url=f"{url}/0", engine="llama", parallel=str(parallel),
                        model_path=model,
                        n_ctx=str(N_CTX), n_threads=str(threads), max_tokens="512",
-                       log_level="WARNING")  # fmt: skip
+                       log_level="WARNING", **(settings or {}))  # fmt: skip
         echo_env = base_env(tmp, redis_url=f"{url}/1", engine="echo", log_level="WARNING")
-        worker = start_worker(env, "model@bench", timeout=300)
-        echo = start_worker(echo_env, "echo@bench")
-        port = free_port()
-        web = start_web(env, port)
+        processes = [start_worker(env, "model@bench", timeout=300)]
         try:
+            processes.append(start_worker(echo_env, "echo@bench"))
+            if deliver:
+                processes.append(start_worker(env, "deliver@bench", command="deliver"))
+            port = free_port()
+            processes.append(start_web(env, port))
             yield f"http://127.0.0.1:{port}", url
         finally:
-            for process in (web, echo, worker):
+            for process in reversed(processes):
                 stop_process(process)
+
+
+@contextmanager
+def echo_web(tmp: Path, redis_url: str) -> Iterator[str]:
+    """A web app of its own in front of `gpt4people`'s echo worker (database 1): its URL."""
+    from gpt4people.redis_server import free_port
+    from tests.conftest import base_env, start_web, stop_process
+
+    env = base_env(tmp, redis_url=f"{redis_url}/1", engine="echo", log_level="WARNING")
+    port = free_port()
+    web = start_web(env, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(web)
+
+
+@contextmanager
+def bare_celery(tmp: Path, redis_url: str) -> Iterator[None]:
+    """bench/bare_celery.py's worker on database 2 (Celery's defaults but one process), and
+    this process's app pointed at it."""
+    from bench import bare_celery as bare
+    from tests.conftest import stop_process, wait_for
+
+    url = f"{redis_url}/2"
+    log = open(tmp / "bare-celery.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker",
+         "--concurrency", "1", "--hostname", bare.HOSTNAME, "--loglevel", "WARNING"],
+        env=dict(os.environ, **{bare.URL_VARIABLE: url}), cwd=ROOT, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    bare.use(url)
+
+    def ready() -> bool:
+        assert process.poll() is None, f"the bare Celery worker exited; see {log.name}"
+        return bool(bare.app.control.ping(destination=[bare.HOSTNAME], timeout=1.0))
+
+    try:
+        wait_for(ready, 120, "the bare Celery worker to answer pings", every=0.5)
+        yield
+    finally:
+        stop_process(process)
+        log.close()
+
+
+def _bare_celery_ms(n: int) -> list[float]:
+    """`n` round trips of the bare app's no-op task, each in ms."""
+    from bench.bare_celery import noop
+
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        noop.delay().get(timeout=60)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _echo_http_ms(base: str, n: int) -> list[float]:
+    """`n` tiny chat completions answered by the echo worker, each in ms (kept alive)."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "ping"}]}
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        response = _once_more(lambda: HTTP.post(f"{base}/v1/chat/completions", json=body), base)
+        response.raise_for_status()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def celery_vs_http(echo_base: str, n: int, rounds: int) -> tuple[list[float], list[float]]:
+    """(bare Celery round trips, echo jobs over HTTP), every sample in ms: `n` of each per
+    round, the first one alternating (ABBA), after a few of each to warm up."""
+    _bare_celery_ms(3)
+    _echo_http_ms(echo_base, 3)
+    celery: list[float] = []
+    echo: list[float] = []
+    for turn in range(rounds):
+        order = [lambda: celery.extend(_bare_celery_ms(n)),
+                 lambda: echo.extend(_echo_http_ms(echo_base, n))]  # fmt: skip
+        for measure in order if turn % 2 == 0 else reversed(order):
+            measure()
+    return celery, echo
 
 
 def in_process(model: str, threads: int, streams: int) -> list[float]:
@@ -302,6 +407,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=4,
                         help="turns per server, first one alternating (medians)")  # fmt: skip
+    parser.add_argument("--queue-n", type=int, default=30,
+                        help="bare Celery and echo HTTP round trips per round")  # fmt: skip
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
 
@@ -330,6 +437,9 @@ def main() -> None:
             ours.update(pair[0])
             anchor.update(pair[1])
         echo_ms, rtt_ms = queue_overhead(redis_url)
+        with bare_celery(Path(tmp), redis_url), echo_web(Path(tmp), redis_url) as echo_base:
+            celery_samples, echo_http_samples = celery_vs_http(echo_base, args.queue_n,
+                                                               args.rounds)  # fmt: skip
     direct = in_process(model, args.threads, args.streams)
     median = statistics.median
 
@@ -354,10 +464,20 @@ def main() -> None:
                                            "samples": {"llama_cpp_python": direct}}  # fmt: skip
     table["queue_overhead"] = {"echo_job_ms": echo_ms, "redis_rtt_ms": rtt_ms,
                                "ratio": echo_ms / rtt_ms}  # fmt: skip
+    celery_ms, echo_http_ms = median(celery_samples), median(echo_http_samples)
+    print(f"{'bare Celery round trip, ms':<30}{celery_ms:>12.2f}")
+    print(f"{'echo job over HTTP, ms':<30}{echo_http_ms:>12.2f}")
+    print(f"{'echo HTTP / bare Celery':<30}{echo_http_ms / celery_ms:>12.2f}  (target <= 2.0)")
+    table["bare_celery_ms"] = {"median": celery_ms, "samples": celery_samples}
+    table["echo_http_ms"] = {"median": echo_http_ms, "samples": echo_http_samples}
+    table["echo_http_vs_bare_celery"] = {"echo_http_ms": echo_http_ms,
+                                         "bare_celery_ms": celery_ms,
+                                         "ratio": echo_http_ms / celery_ms}  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "llama.json").write_text(json.dumps(
-        {"threads": args.threads, "rounds": args.rounds, "streams": args.streams, "rows": table},
+        {"threads": args.threads, "rounds": args.rounds, "streams": args.streams,
+         "queue_n": args.queue_n, "rows": table},
         indent=2))  # fmt: skip
 
 
