@@ -92,10 +92,14 @@ redis_socket_timeout = 30.0
 redis_retry_on_timeout = True
 broker_heartbeat = 0
 
-# Events for Flower and `celery events`.
+# Events for Flower and `celery events`: a job appears there when a worker receives it.
+# Not sent: a "sent" event (one more Redis round trip on every channel's request; queued
+# jobs are counted in /metrics' gpt4p_queue_depth and Flower's Broker page) and a STARTED
+# record in the result backend (one more write per job, which woke every waiting caller
+# for nothing; `gpt4people status --job` shows which worker holds a job).
 worker_send_task_events = True
-task_send_sent_event = True
-task_track_started = True
+task_send_sent_event = False
+task_track_started = False
 
 enable_utc = True
 timezone = "UTC"

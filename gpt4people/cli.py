@@ -79,7 +79,10 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         user=getpass.getuser(),
         messages=[ChatMessage(role="user", content=prompt)],
         options=GenerationOptions(
-            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            priority=args.priority,
         ),
         reply_to="cli",
     )
@@ -109,7 +112,14 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from kernel.contract import INFERENCE_QUEUE, gpu_queue, model_queue
+    from answer.engines import batches
+    from kernel.contract import (
+        INFERENCE_QUEUE,
+        gpu_queue,
+        interactive_queue,
+        model_queue,
+        worker_queue,
+    )
     from kernel.model_files import model_aliases, model_label
     from workers.commandline import (
         celery_command,
@@ -137,6 +147,13 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         resolve_model_path(settings)  # assemble the default model in the parent, once
     mark_inference_worker(os.environ)
+    if batches(settings):
+        # Its own queue first: the next turns of the conversations its cache holds.
+        from celery.utils.nodenames import host_format
+
+        queues.insert(0, worker_queue(host_format(hostname)))
+    # Each queue's fast lane first: the worker takes interactive jobs before the others.
+    queues = [*(interactive_queue(queue) for queue in queues), *queues]
     command = celery_command(*inference_worker_arguments(settings, queues, hostname, concurrency))
     sys.stdout.flush()
     os.execv(sys.executable, command)
@@ -373,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
     ask.add_argument("--timeout", type=float, help="seconds to wait (default GPT4P_JOB_TIMEOUT)")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ask.add_argument("--priority", choices=["interactive", "normal", "bulk"],
+                     help="how soon (default: the cli channel's, interactive)")  # fmt: skip
     target = ask.add_mutually_exclusive_group()
     target.add_argument("--gpu", type=int, help="send it to the worker pinned to this GPU")
     target.add_argument("--model", help="send it to a worker serving this model")

@@ -9,6 +9,7 @@ import redis
 
 from kernel.channels import CHANNELS
 from kernel.contract import INFERENCE_QUEUE
+from kernel.keys import PRIORITY_SEPARATOR, queue_keys
 from kernel.model_files import model_label
 from kernel.redis_client import redis_client, resolve_redis_url
 from kernel.redis_urls import redact_text, redact_url
@@ -21,11 +22,13 @@ def queue_depths(client: redis.Redis) -> dict[str, int]:
     """Jobs waiting in every GPT4People queue (inference, per-GPU/model, delivery, helpers)."""
     names = {INFERENCE_QUEUE}
     for pattern in QUEUE_PATTERNS:
-        names.update(key.decode() for key in client.scan_iter(match=pattern, count=200))
+        # A queue's bulk jobs wait in a list of their own, <queue><separator>9.
+        names.update(key.decode().partition(PRIORITY_SEPARATOR)[0]
+                     for key in client.scan_iter(match=pattern, count=200))  # fmt: skip
     return {
-        name: int(cast(int, client.llen(name)))
+        name: sum(int(cast(int, client.llen(key))) for key in queue_keys(name))
         for name in sorted(names)
-        if name == INFERENCE_QUEUE or client.type(name) == b"list"
+        if name == INFERENCE_QUEUE or client.type(name) in {b"list", b"none"}
     }
 
 

@@ -32,6 +32,7 @@ from kernel.keys import (
     RESULT_KEY_PREFIX,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
+    queue_keys,
 )
 
 DELIVERY_SUFFIX = ".deliver"
@@ -106,11 +107,13 @@ def _correlation_id(raw: bytes | str) -> str | None:
 
 
 def _queued(client: redis.Redis, queue: str) -> Iterator[bytes]:
-    """The messages in `queue`, a page at a time."""
-    start = 0
-    while page := cast(list[bytes], client.lrange(queue, start, start + QUEUE_PAGE - 1)):
-        yield from page
-        start += QUEUE_PAGE
+    """The messages in `queue` (each priority's list: bulk jobs wait in their own), a page
+    at a time."""
+    for key in queue_keys(queue):
+        start = 0
+        while page := cast(list[bytes], client.lrange(key, start, start + QUEUE_PAGE - 1)):
+            yield from page
+            start += QUEUE_PAGE
 
 
 def _ledgered(raw: bytes | None, now: float) -> tuple[float, int] | None:

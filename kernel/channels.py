@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kernel.contract import delivery_queue, delivery_task
+from kernel.contract import Priority, delivery_queue, delivery_task
 from kernel.settings import Settings
 
 
@@ -76,6 +76,9 @@ class ChannelFacts:
     # Pictures go out as a link under GPT4P_PUBLIC_URL (Twilio fetches them): without
     # one, no picture is made for the channel and the person is told so.
     pictures_by_link: bool = False
+    # Its jobs' priority unless the caller or GPT4P_CHANNEL_PRIORITIES says otherwise:
+    # interactive where a person waits with a phone in hand.
+    priority: Priority = "normal"
     # The Settings fields (GPT4P_<FIELD>) an operator sets for it: `status` names them,
     # and Compose passes each to its services (tests/test_deploy.py checks).
     settings: tuple[str, ...] = ()
@@ -104,23 +107,26 @@ CHANNELS: dict[str, ChannelFacts] = {
     facts.name: facts
     for facts in (
         ChannelFacts("http", delivers_later=False),
-        ChannelFacts("cli", delivers_later=False),
-        ChannelFacts("sms", delivers_later=True, carries_images=True, route="/sms",
-                     max_chars=1600, configured=sms_configured, pictures_by_link=True,
+        ChannelFacts("cli", delivers_later=False, priority="interactive"),
+        ChannelFacts("sms", delivers_later=True, priority="interactive", carries_images=True,
+                     route="/sms", max_chars=1600, configured=sms_configured,
+                     pictures_by_link=True,
                      settings=("twilio_account_sid", "twilio_auth_token", "twilio_from",
                                "twilio_messaging_service_sid", "public_url")),
         ChannelFacts("email", delivers_later=True, carries_images=True,
                      configured=email_configured, command="email",
                      settings=("imap_host", "imap_user", "imap_password", "smtp_host",
                                "smtp_user", "smtp_password", "email_from")),
-        ChannelFacts("whatsapp", delivers_later=True, carries_images=True, route="/whatsapp",
-                     max_chars=1600, configured=whatsapp_configured, pictures_by_link=True,
+        ChannelFacts("whatsapp", delivers_later=True, priority="interactive",
+                     carries_images=True, route="/whatsapp", max_chars=1600,
+                     configured=whatsapp_configured, pictures_by_link=True,
                      settings=("twilio_account_sid", "twilio_auth_token", "twilio_whatsapp_from",
                                "twilio_messaging_service_sid", "public_url")),
         # Its webhook answers once GPT4P_TELEGRAM_SECRET is set; `up` polls instead while
         # the settings choose polling (Settings.telegram_polling).
-        ChannelFacts("telegram", delivers_later=True, carries_images=True, route="/telegram",
-                     max_chars=4096, configured=telegram_configured, command="telegram",
+        ChannelFacts("telegram", delivers_later=True, priority="interactive",
+                     carries_images=True, route="/telegram", max_chars=4096,
+                     configured=telegram_configured, command="telegram",
                      runs_command=lambda settings: settings.telegram_polling,
                      settings=("telegram_bot_token", "telegram_secret", "telegram_mode",
                                "public_url")),
@@ -133,6 +139,11 @@ _UNLISTED = ChannelFacts("", delivers_later=False)
 def channel_facts(name: str) -> ChannelFacts:
     """The facts of the channel called `name` (an unlisted channel delivers nothing later)."""
     return CHANNELS.get(name, _UNLISTED)
+
+
+def channel_priority(name: str, settings: Settings) -> Priority:
+    """The priority of a job from channel `name` that did not ask for one."""
+    return settings.channel_priorities.get(name, channel_facts(name).priority)
 
 
 def delivered_channels() -> list[ChannelFacts]:

@@ -17,6 +17,42 @@ INFERENCE_QUEUE = "inference"
 INFERENCE_TASK = "gpt4people.inference"
 
 
+# How soon a job is answered. "interactive": a person is waiting (SMS, chat, `ask`); it
+# goes to its queue's fast lane and pauses the others while it generates. "normal": the
+# default of the HTTP API and email. "bulk": whatever can wait (a batch job, a sender over
+# its fair share). Order matters: earlier is sooner.
+Priority = Literal["interactive", "normal", "bulk"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "bulk")
+# Celery message priorities within a queue (kombu's Redis transport: 0 is served first).
+MESSAGE_PRIORITY: dict[Priority, int] = {"interactive": 0, "normal": 0, "bulk": 9}
+INTERACTIVE_SUFFIX = ".interactive"
+
+
+def interactive_queue(queue: str) -> str:
+    """The fast lane of inference queue `queue`: only interactive jobs go there, and a
+    batched worker keeps slots (GPT4P_PRIORITY_SLOTS) that take jobs from nowhere else."""
+    return queue + INTERACTIVE_SUFFIX
+
+
+def queue_for(queue: str, priority: Priority) -> str:
+    """The queue a job of `priority` meant for inference queue `queue` is sent to."""
+    return interactive_queue(queue) if priority == "interactive" else queue
+
+
+def worker_queue(hostname: str) -> str:
+    """The queue of one batched worker alone: a conversation's next turn goes there, to
+    the worker holding the conversation in its cache (workers.affinity)."""
+    return f"{INFERENCE_QUEUE}.worker.{hostname}"
+
+
+def shared_queue(queue: str) -> str:
+    """`queue`, or the shared queue (with its fast lane) when `queue` is a worker's own."""
+    if queue.startswith(worker_queue("")):
+        return queue_for(INFERENCE_QUEUE, "interactive" if queue.endswith(INTERACTIVE_SUFFIX)
+                         else "normal")  # fmt: skip
+    return queue
+
+
 def gpu_queue(index: int) -> str:
     """The queue consumed only by the worker pinned to GPU `index`."""
     return f"{INFERENCE_QUEUE}.gpu{index}"
@@ -191,6 +227,10 @@ class GenerationOptions(BaseModel):
     raw_prompt: bool = Field(
         False, description="The last message's content is the whole prompt, sent to the model "
         "as is (no chat template): the legacy completions API.",
+    )  # fmt: skip
+    priority: Priority | None = Field(
+        None, description="How soon: interactive before normal before bulk. Unset: the "
+        "channel's default (GPT4P_CHANNEL_PRIORITIES), filled in when the job is submitted.",
     )  # fmt: skip
     grammar: str | None = Field(
         None, max_length=1_000_000, description="A GBNF grammar the sampler enforces. Set by the "

@@ -22,6 +22,11 @@ from __future__ import annotations
 # Sorted set: inference worker hostname -> last heartbeat (for /readyz, `status`).
 INFERENCE_LIVE_KEY = "gpt4p:inference:live"
 INFERENCE_MODELS_KEY = "gpt4p:inference:models"  # hash: hostname -> model it serves
+# Hashes of batched workers: hostname -> jobs it holds now; hostname -> "main,lane" slots.
+INFERENCE_BUSY_KEY = "gpt4p:inference:busy"
+INFERENCE_SLOTS_KEY = "gpt4p:inference:slots"
+# String per conversation (a digest): the batched worker holding its prefix in its cache.
+AFFINITY_PREFIX = "gpt4p:affinity:"
 # Sorted set: worker instance (hostname#run) -> last heartbeat, for the reaper.
 RECOVERY_INSTANCES_KEY = "gpt4p:recovery:instances"
 RECOVERY_OWNERS_KEY = "gpt4p:recovery:owners"  # hash: delivery tag -> instance holding it
@@ -30,6 +35,9 @@ LEDGER_MISSING_KEY = "gpt4p:ledger:missing"  # hash: task id -> when a sweep fou
 LEDGER_LOCK_KEY = "gpt4p:ledger:sweep"  # one sweeper at a time
 # String per source message: <prefix><channel>:<source id> -> the job id it became.
 IDEMPOTENCY_PREFIX = "gpt4p:idem:"
+# Sorted set per sender (a digest of channel and sender): job id -> when it was submitted,
+# for fair share (workers.fairshare).
+INFLIGHT_PREFIX = "gpt4p:inflight:"
 METRICS_PREFIX = "gpt4p:metrics:"
 METRICS_COUNTERS_KEY = METRICS_PREFIX + "counters"
 METRICS_GAUGES_KEY = METRICS_PREFIX + "gauges"

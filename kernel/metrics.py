@@ -37,6 +37,7 @@ from kernel.keys import (
     METRICS_HISTOGRAM_PREFIX,
     METRICS_HISTOGRAMS_KEY,
     METRICS_QUEUES_KEY,
+    queue_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 DOCS = {
     "gpt4p_jobs_received": "Jobs accepted onto a queue, per channel.",
+    "gpt4p_jobs_by_priority": "Jobs accepted onto a queue, per priority (interactive, normal, "
+    "bulk).",
+    "gpt4p_jobs_over_fair_share": "Jobs queued as bulk because their sender had "
+    "GPT4P_SENDER_SLOTS jobs in flight, per channel.",
     "gpt4p_tokens_generated": "Completion tokens generated, per model.",
     "gpt4p_helper_calls": "Helper calls, per helper.",
     "gpt4p_helper_failures": "Helper calls that failed, per helper and reason.",
@@ -86,6 +91,14 @@ class Metrics:
         batched._batch = self.redis.pipeline()
         yield batched
         self._safely(batched._batch.execute)
+
+    @classmethod
+    def riding(cls, pipe: Pipeline) -> Metrics:
+        """Metrics written into `pipe`, a pipeline its caller executes with commands of its
+        own (one round trip for both; the caller decides what a failure means)."""
+        metrics = cls(pipe)
+        metrics._batch = pipe
+        return metrics
 
     def count(self, name: str, labels: dict[str, str], amount: float = 1.0) -> None:
         """Add `amount` to a counter."""
@@ -199,8 +212,13 @@ def indexed_queue_depths(client: redis.Redis) -> dict[str, int]:
     )
     pipe = client.pipeline(transaction=False)
     for name in names:
-        pipe.llen(name)
-    lengths = pipe.execute(raise_on_error=False)
-    # A name that is not a list (WRONGTYPE) is not a queue: left out, not an error.
-    return {n: int(length) for n, length in zip(names, lengths, strict=True)
-            if not isinstance(length, Exception)}  # fmt: skip
+        for key in queue_keys(name):  # bulk jobs wait in a list of their own (priority 9)
+            pipe.llen(key)
+    lengths = iter(pipe.execute(raise_on_error=False))
+    depths = {}
+    for name in names:
+        parts = [next(lengths) for _ in queue_keys(name)]
+        # A name that is not a list (WRONGTYPE) is not a queue: left out, not an error.
+        if not isinstance(parts[0], Exception):
+            depths[name] = sum(int(part) for part in parts if not isinstance(part, Exception))
+    return depths

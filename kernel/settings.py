@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from kernel.catalogue import BUNDLED_MODELS, DEFAULT_MODEL
+from kernel.contract import Priority
 from kernel.redis_urls import check_redis_url
 
 ENV_PREFIX = "GPT4P_"
@@ -160,6 +161,25 @@ class Settings(BaseSettings):
         description="Jobs one llama worker decodes together (batched, one KV sequence of "
         "GPT4P_N_CTX tokens each); 1: one job at a time per process, without batching.",
     )  # fmt: skip
+    priority_slots: int = Field(
+        2, ge=0, le=512,
+        description="Extra slots of a batched worker that only interactive jobs use (its "
+        "queues' fast lanes, `<queue>.interactive`): a person's message starts at once however "
+        "busy the other GPT4P_PARALLEL slots are; 0: no fast lane.",
+    )  # fmt: skip
+    sender_slots: int = Field(
+        4, ge=0, le=100_000,
+        description="Fair share: jobs of one sender (phone number, address, API key) in "
+        "flight at once at their own priority; the sender's further jobs wait as bulk "
+        "behind everyone else's. 0: no cap.",
+    )  # fmt: skip
+    channel_priorities: Annotated[dict[str, Priority], NoDecode] = Field(
+        default_factory=dict,
+        description="Each channel's default job priority, as `channel=priority` pairs "
+        "(e.g. `email=interactive,http=bulk`) over the built-in defaults: sms, whatsapp, "
+        "telegram and cli interactive; http and email normal. An HTTP caller may also ask "
+        "for a priority per request.",
+    )
     batch_invariant: bool = Field(
         False,
         description="Make each answer independent of the other jobs in its batch (greedy "
@@ -597,6 +617,22 @@ class Settings(BaseSettings):
                     f"{origin!r} is not an origin (scheme://host[:port], no path), nor '*'"
                 )
         return [o.rstrip("/") for o in origins]
+
+    @field_validator("channel_priorities", mode="before")
+    @classmethod
+    def _priority_pairs(cls, value: object) -> object:
+        """`sms=interactive,http=bulk` as people write it (JSON is accepted too)."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("{"):
+            return json.loads(value)
+        pairs = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            channel, equals, priority = item.partition("=")
+            if not equals:
+                raise ValueError(f"expected channel=priority, got {item!r}")
+            pairs[channel.strip()] = priority.strip()
+        return pairs
 
     @field_validator("log_level", mode="before")
     @classmethod

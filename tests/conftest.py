@@ -17,13 +17,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import httpx
 import pytest
 import redis
 
 from gpt4people.redis_server import RedisServer, free_port
+from kernel.contract import INFERENCE_QUEUE, interactive_queue
+from kernel.keys import queue_keys
 from kernel.settings import Settings
 from workers.app import celery_for
 
@@ -48,6 +50,13 @@ DB_HELPERS = 8
 DB_GPU = 9
 DB_SCALE = 10
 DB_MODELS = 11
+
+
+def queued_jobs(client: redis.Redis) -> int:
+    """Inference jobs waiting in the `inference` queue, its fast lane (interactive jobs:
+    SMS, chat, `ask`) and its bulk list: what a test waits to see drained or filled."""
+    keys = [*queue_keys(INFERENCE_QUEUE), *queue_keys(interactive_queue(INFERENCE_QUEUE))]
+    return sum(int(cast(int, client.llen(key))) for key in keys)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

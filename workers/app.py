@@ -13,10 +13,16 @@ from celery.signals import after_setup_logger, after_setup_task_logger
 from kernel.logs import configure_handler, use_task_lookup
 from kernel.redis_client import celery_transport_options, redis_client, resolve_redis_url
 from kernel.settings import Settings, get_settings
+from workers.commandline import is_inference_worker
 from workers.privacy import APP_OPTIONS  # task arguments shown as summaries only
 
 app = Celery("gpt4people", **APP_OPTIONS)
 app.config_from_object("celeryconfig")
+if is_inference_worker():
+    # Take jobs from the queues in the order the worker lists them, fast lanes first
+    # (kombu's default turns the list round at each fetch).
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         "queue_order_strategy": "priority"}  # fmt: skip
 
 
 def _running_task() -> tuple[str | None, str | None]:

@@ -19,20 +19,25 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from redis.client import Pipeline
 
+from kernel.channels import channel_priority
 from kernel.contract import (
     INFERENCE_QUEUE,
     INFERENCE_TASK,
+    MESSAGE_PRIORITY,
     Job,
     Reply,
     delivery_queue,
     delivery_task,
+    queue_for,
 )
 from kernel.keys import IDEMPOTENCY_PREFIX, LEDGER_KEY, RESULT_KEY_PREFIX
 from kernel.metrics import Metrics
 from kernel.redis_client import RedisUnavailableError, redis_client
 from kernel.redis_urls import redact_url
-from workers import ledger
+from kernel.settings import get_settings
+from workers import affinity, fairshare, ledger
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +84,27 @@ def submit(
                     log.info("duplicate of job %s ignored", existing.decode())
                     return existing.decode()
             claimed = True
+        job, shared, demoted, host = _placed(client, job, queue)
+        priority = job.options.priority or "normal"
+        queue = affinity.routed(shared, host, priority)
+
+        def count(pipe: Pipeline) -> None:  # in the ledger's round trip
+            metrics = Metrics.riding(pipe)
+            metrics.count("gpt4p_jobs_received", {"channel": job.channel})
+            metrics.count("gpt4p_jobs_by_priority", {"priority": priority})
+            if demoted:
+                metrics.count("gpt4p_jobs_over_fair_share", {"channel": job.channel})
+            metrics.note_queues([queue])  # /metrics reports its depth without a SCAN
+
         # Ledgered: a Redis crash in the instant a worker pops the job cannot lose it.
         # Bounded: a webhook must answer Twilio within its 15 s, spooling if need be.
         retry_policy = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5}
+        # Sent to a worker's own queue, it is ledgered for the shared one: the sweep sends
+        # it there again if that worker dies before taking it (workers.affinity).
         ledger.send(app, client, INFERENCE_TASK, [job.to_task_arg()], queue, task_id=job.id,
-                    retry=True, retry_policy=retry_policy)  # fmt: skip
-        with Metrics(client).batch() as metrics:
-            metrics.count("gpt4p_jobs_received", {"channel": job.channel})
-            metrics.note_queues([queue])  # /metrics reports its depth without a SCAN
+                    along=count, resend_to=queue_for(shared, priority),
+                    priority=MESSAGE_PRIORITY[priority], retry=True,
+                    retry_policy=retry_policy)  # fmt: skip
     except (redis.RedisError, OperationalError) as error:
         if claimed and key is not None:
             _release(client, key)  # a retry of this source message must enqueue it again
@@ -97,6 +115,39 @@ def submit(
         if own_client:
             client.close()
     return job.id
+
+
+def _placed(client: redis.Redis, job: Job, queue: str) -> tuple[Job, str, bool, str | None]:
+    """Where `job`, meant for shared queue `queue`, goes (one round trip): the job with its
+    priority decided (the caller's, else its channel's; bulk when its sender is over their
+    fair share), the shared queue, whether it was demoted, and the batched worker holding
+    its conversation with room for it, if any (`workers.affinity`)."""
+    settings = get_settings()
+    priority = job.options.priority or channel_priority(job.channel, settings)
+    pipe = client.pipeline(transaction=False)
+    count_at = None
+    if settings.sender_slots:
+        max_age = settings.task_time_limit * 1.2 + 10  # as the reaper's "stuck" (lifecycle)
+        count_at = fairshare.claim(pipe, job, max_age)
+    model = affinity.routable(queue)
+    question = None
+    if model is not None:
+        question = affinity.Question(job, model, priority, settings.worker_heartbeat_ttl)
+        question.ask(pipe)
+    answers = pipe.execute(raise_on_error=False) if len(pipe) else []
+    demoted = (
+        count_at is not None
+        and priority != "bulk"
+        and not fairshare.within(answers[count_at], settings.sender_slots)
+    )
+    if demoted:
+        log.info("job %s is over its sender's fair share: queued as bulk", job.id)
+        priority = "bulk"
+    host = None
+    if question is not None and not demoted:
+        host = question.answer(client, answers[-1])
+    options = job.options.model_copy(update={"priority": priority})
+    return job.model_copy(update={"options": options}), queue, demoted, host
 
 
 def enqueue_delivery(app: Celery, client: redis.Redis, reply: Reply) -> None:
@@ -159,11 +210,68 @@ def _failure_info(result: AsyncResult, value: Any) -> Any:
     return value
 
 
+class _ReplyListener:
+    """One pub/sub connection of a process's event loop, on which every waiting caller
+    listens for its reply (Celery's result backend publishes each result on a channel of
+    its key's name): a request costs a SUBSCRIBE and an UNSUBSCRIBE on it, not a new
+    connection of its own (connect, AUTH, SELECT). A message lost while the connection
+    was down costs nothing but time: each caller also reads its result once a second."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.pubsub = client.pubsub()
+        self.inboxes: dict[str, asyncio.Queue[bytes]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def listen(self, channel: str) -> asyncio.Queue[bytes]:
+        """Subscribe to `channel`; what is published there comes into the queue returned."""
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.inboxes[channel] = inbox
+        await self.pubsub.subscribe(channel)
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read(), name="reply-listener")
+        return inbox
+
+    async def stop(self, channel: str) -> None:
+        """Stop listening to `channel`."""
+        self.inboxes.pop(channel, None)
+        if self.pubsub.connection is not None:
+            await self.pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        while self.inboxes or self.pubsub.subscribed:
+            try:
+                message = await self.pubsub.get_message(ignore_subscribe_messages=True,
+                                                        timeout=1.0)  # fmt: skip
+            except (aioredis.RedisError, OSError) as error:
+                log.debug("reply listener: %s; callers read their results meanwhile", error)
+                await asyncio.sleep(0.5)
+                continue
+            if message is not None and message.get("type") == "message":
+                channel = message["channel"]
+                inbox = self.inboxes.get(channel.decode() if isinstance(channel, bytes)
+                                         else channel)  # fmt: skip
+                if inbox is not None:
+                    inbox.put_nowait(message["data"])
+
+
+_listeners: dict[tuple[int, int], _ReplyListener] = {}
+
+
+def _listener(client: aioredis.Redis) -> _ReplyListener:
+    """The reply listener of `client` on the running event loop."""
+    key = (id(asyncio.get_running_loop()), id(client))
+    listener = _listeners.get(key)
+    if listener is None:
+        listener = _listeners[key] = _ReplyListener(client)
+    return listener
+
+
 async def await_reply(client: aioredis.Redis, job_id: str, timeout: float) -> Reply:
     """Wait without blocking the event loop until the reply to `job_id` is stored."""
     key = RESULT_KEY_PREFIX + job_id
-    async with client.pubsub() as pubsub:
-        await pubsub.subscribe(key)
+    listener = _listener(client)
+    inbox = await listener.listen(key)
+    try:
         # Subscribed first, then read: a result stored in between is not missed.
         raw = await client.get(key)
         loop = asyncio.get_running_loop()
@@ -176,7 +284,9 @@ async def await_reply(client: aioredis.Redis, job_id: str, timeout: float) -> Re
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise JobTimeoutError(f"no worker answered within {timeout:g}s")
-            message = await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
-            )
-            raw = message["data"] if message else await client.get(key)
+            try:
+                raw = await asyncio.wait_for(inbox.get(), min(remaining, 1.0))
+            except TimeoutError:
+                raw = await client.get(key)
+    finally:
+        await listener.stop(key)

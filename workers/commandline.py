@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Literal
 
-from answer.engines import batches
+from answer.engines import batch_slots, batches
 from kernel.contract import delivery_queue, helper_queue
 from kernel.settings import Settings
 
@@ -60,8 +60,10 @@ def inference_worker_arguments(
     """An inference worker's arguments: its pool follows from the engine it loads."""
     if batches(settings):
         # One batched engine in the worker process, loaded at worker start: its task
-        # threads hand it their jobs, as many at a time as it has slots.
-        return worker_arguments(queues, hostname, settings.parallel, "threads", settings.log_level)
+        # threads hand it their jobs, as many at a time as it has slots (some of them
+        # kept for the fast lane: workers.lane).
+        return worker_arguments(queues, hostname, batch_slots(settings), "threads",
+                                settings.log_level)  # fmt: skip
     # One job at a time per pool process, each with its own engine, loaded after the fork.
     return worker_arguments(queues, hostname, concurrency, "prefork", settings.log_level)
 

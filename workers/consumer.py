@@ -37,6 +37,9 @@ from typing import Any
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
+from kernel.settings import get_settings
+from workers.lane import lane_slots
+
 log = logging.getLogger(__name__)
 
 # Celery warns at every reconnect that it will cancel running jobs by default one day; the
@@ -53,7 +56,23 @@ RECONNECT_MAX_S = 2.0
 
 
 class SelfHealingConsumer(Consumer):
-    """Celery's consumer, which survives the failures of kombu's cleanup after a lost connection."""
+    """Celery's consumer, which survives the failures of kombu's cleanup after a lost connection.
+
+    On a batched inference worker it also leaves GPT4P_PRIORITY_SLOTS of the pool's threads
+    to the fast lane's own consumer (`workers.lane`): it takes at most that many fewer jobs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lane_slots = lane_slots(get_settings())
+        initial = int(getattr(self, "initial_prefetch_count", 0))
+        if initial:  # 0 would mean no limit at all: left as it is
+            self.initial_prefetch_count = max(1, initial - self.lane_slots)
+
+    @property
+    def max_prefetch_count(self) -> int:
+        """Celery's (threads x multiplier), less the threads kept for the fast lane."""
+        return max(1, int(super().max_prefetch_count) - self.lane_slots)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         """Celery's handling of a lost connection, with a close of it that cannot raise."""

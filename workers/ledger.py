@@ -26,12 +26,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import kombu.exceptions
 import redis
 import redis.exceptions
 from celery import Celery
+from redis.client import Pipeline
 
 from kernel.keys import (
     LEDGER_KEY,
@@ -80,14 +82,29 @@ def send(
     queue: str,
     *,
     task_id: str | None = None,
+    along: Callable[[Pipeline], object] | None = None,
+    resend_to: str | None = None,
     **options: Any,
 ) -> str:
-    """Write the task to the ledger, then queue it; return its id. Raises on Redis errors.
+    """Write the task to the ledger, then queue it on `queue`; return its id. Raises on
+    Redis errors.
 
-    Events and dashboards show its arguments as a summary (`workers.privacy`)."""
+    `along` adds writes of the caller's to the ledger's round trip (their own failures
+    are not the ledger's). `resend_to`: the queue where the sweep looks for the task and
+    sends it again if lost (default `queue`). Events and dashboards show the task's
+    arguments as a summary (`workers.privacy`)."""
     task_id = task_id or str(uuid.uuid4())
-    entry = {"name": name, "args": args, "queue": queue, "at": time.time(), "resent": 0}
-    client.hset(LEDGER_KEY, task_id, json.dumps(entry))
+    entry = {"name": name, "args": args, "queue": resend_to or queue, "at": time.time(),
+             "resent": 0}  # fmt: skip
+    if options.get("priority") is not None:  # a Celery message priority, kept on a resend
+        entry["priority"] = options["priority"]
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(LEDGER_KEY, task_id, json.dumps(entry))
+    if along is not None:
+        along(pipe)
+    written = pipe.execute(raise_on_error=False)[0]
+    if isinstance(written, Exception):
+        raise written
     app.send_task(name, args=args, task_id=task_id, queue=queue, **options)
     return task_id
 
@@ -206,7 +223,8 @@ def _resend(app: Celery, client: redis.Redis, task_id: str, entry: dict[str, Any
     entry = dict(entry, at=time.time(), resent=entry.get("resent", 0) + 1)
     client.hset(LEDGER_KEY, task_id, json.dumps(entry))
     client.hdel(LEDGER_MISSING_KEY, task_id)
-    app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"])
+    app.send_task(entry["name"], args=entry["args"], task_id=task_id, queue=entry["queue"],
+                  priority=entry.get("priority"))  # fmt: skip
     log.warning("task %s (%s) was lost from Redis; sent again", task_id, entry["name"])
     return True
 

@@ -45,9 +45,10 @@ from kernel.metrics import Metrics
 from kernel.model_files import model_label
 from kernel.ratelimit import SenderRateLimit
 from kernel.settings import get_settings
-from workers import ledger
+from workers import affinity, ledger
 from workers.app import app, broker_redis
 from workers.commandline import is_inference_worker
+from workers.lane import FastLane
 from workers.liveness import WorkerHeartbeat
 from workers.recovery import Recovery, delivery_tag, instance_id, record_owner
 
@@ -68,6 +69,7 @@ class WorkerProcess:
         self._gateway: HelperGateway | None = None
         self.recovery: Recovery | None = None
         self.liveness: WorkerHeartbeat | None = None
+        self.hostname: str | None = None  # the worker's, once it is ready
         self.helper_heartbeat: Heartbeat | None = None
 
     def engine(self) -> Engine:
@@ -83,6 +85,12 @@ class WorkerProcess:
         close = getattr(engine, "close", None)
         if close is not None:
             close()
+
+    @property
+    def keeps_conversations(self) -> bool:
+        """Whether this process is a batched inference worker: its slots keep each
+        conversation's tokens cached, so its next turn is best answered here."""
+        return is_inference_worker() and batches(get_settings())
 
     def helper_gateway(self) -> HelperGateway:
         """This process's way to call helpers (one Redis connection pool)."""
@@ -230,6 +238,31 @@ class InferenceLiveness(WorkerConcern):
             process.liveness.stop()
 
 
+class SlotCount(WorkerConcern):
+    """A batched worker says how many slots it has and how many jobs it holds, so that a
+    conversation's next turn is sent to it only when it has room (`workers.affinity`)."""
+
+    def worker_ready(self, process: WorkerProcess, consumer: Any) -> None:
+        if process.keeps_conversations:
+            settings = get_settings()
+            process.hostname = consumer.hostname
+            affinity.announce(broker_redis(), consumer.hostname, settings.parallel,
+                              settings.priority_slots, busy=0)  # fmt: skip
+
+    def task_received(self, process: WorkerProcess, request: Any) -> None:
+        if process.keeps_conversations and process.hostname:
+            affinity.holding(broker_redis(), process.hostname, +1)
+
+    def task_finished(self, process: WorkerProcess, task_id: str, state: str | None,
+                      retval: object) -> None:  # fmt: skip
+        if process.keeps_conversations and process.hostname:
+            affinity.holding(broker_redis(), process.hostname, -1)
+
+    def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
+        if process.keeps_conversations and process.hostname:
+            affinity.holding(broker_redis(), process.hostname, -1)
+
+
 class HelperRegistration(WorkerConcern):
     """A helper worker registers its helper, and keeps this instance live while it runs."""
 
@@ -258,6 +291,7 @@ CONCERNS: list[WorkerConcern] = [
     JobRecovery(),
     JobLedger(),
     InferenceLiveness(),
+    SlotCount(),
 ]
 
 
@@ -328,3 +362,4 @@ class _ConsumerConnected(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(_ConsumerConnected)
+app.steps["consumer"].add(FastLane)  # consumes nothing unless this is a batched inference worker

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,10 +35,12 @@ from kernel.contract import (
     Job,
     Reply,
     TokenLogprob,
+    shared_queue,
 )
 from kernel.metrics import FIRST_TOKEN_BUCKETS, LATENCY_BUCKETS, Metrics
 from kernel.settings import get_settings
 from kernel.streaming import encode_event, stream_channel
+from workers import affinity, fairshare
 from workers.app import app, broker_redis
 from workers.client import enqueue_delivery
 from workers.handover import answered, hand_over
@@ -140,9 +143,46 @@ class _Timing:
         return on_text
 
 
-def _record(job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
-    with Metrics(broker_redis()).batch() as metrics:  # one round trip: the reply waits for it
-        _observe(metrics, job, reply, worker, timing)
+class AnswerTask(Task):
+    """A task that answers a job. What the caller need not wait for is written in one round
+    trip once its reply is stored and published (`after_return`): the metrics, the job's
+    release from its sender's fair share, and (a batched worker) that this worker now
+    holds the job's conversation (`workers.affinity`)."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], einfo: Any) -> None:  # fmt: skip
+        """After the result is stored (success or failure; not after `Ignore`)."""
+        done: _Answered | None = getattr(self.request, "gpt4p_answered", None)
+        job = done.job if done is not None else _job_of(args)
+        pipe = broker_redis().pipeline(transaction=False)
+        if done is not None:
+            _observe(Metrics.riding(pipe), done.job, done.reply, done.worker, done.timing)
+            if this_process.keeps_conversations:
+                affinity.remember(pipe, done.job, done.worker)
+        if job is not None:
+            fairshare.release(pipe, job)
+        try:
+            pipe.execute(raise_on_error=False)
+        except redis.RedisError as error:  # a sender's count ages out (workers.fairshare)
+            log.warning("metrics or fair share not recorded (%s)", error.__class__.__name__)
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A job's reply as its task returned it, for `AnswerTask.after_return`."""
+
+    job: Job
+    reply: Reply
+    worker: str
+    timing: _Timing
+
+
+def _job_of(args: tuple[Any, ...]) -> Job | None:
+    """The job a failed `infer` was given, if it was one."""
+    try:
+        return Job.model_validate(args[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def _observe(metrics: Metrics, job: Job, reply: Reply, worker: str, timing: _Timing) -> None:
@@ -161,9 +201,10 @@ def _observe(metrics: Metrics, job: Job, reply: Reply, worker: str, timing: _Tim
 
 
 def _queue_of(task: Task) -> str:
-    """The queue `task`'s message came from: a job's continuation goes back to it."""
+    """The queue `task`'s message came from: a job's continuation goes back to it (to the
+    shared queue when it came from one worker's own, which may be gone by then)."""
     delivery_info = task.request.delivery_info or {}
-    return str(delivery_info.get("routing_key") or INFERENCE_QUEUE)
+    return shared_queue(str(delivery_info.get("routing_key") or INFERENCE_QUEUE))
 
 
 def _finish(task: Task, job: Job, reply: Reply, timing: _Timing,
@@ -172,7 +213,7 @@ def _finish(task: Task, job: Job, reply: Reply, timing: _Timing,
     if stream is not None:
         stream.end()  # the listener stops here and waits for the reply, stored next
     worker = task.request.hostname or ""
-    _record(job, reply, worker, timing)
+    task.request.gpt4p_answered = _Answered(job, reply, worker, timing)  # for after_return
     log.info(
         "job %s answered on %s: %d+%d tokens in %.0f ms (%s)",
         job.id, job.channel, reply.prompt_tokens, reply.completion_tokens,
@@ -187,7 +228,7 @@ def _finish(task: Task, job: Job, reply: Reply, timing: _Timing,
 
 
 # resultrepr_maxsize=1: events (Flower, `celery events`) show "{, ...}", not the answer.
-@app.task(name=INFERENCE_TASK, bind=True, resultrepr_maxsize=1)
+@app.task(name=INFERENCE_TASK, bind=True, base=AnswerTask, resultrepr_maxsize=1)
 def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
     """Answer one job; the returned dict is a `Reply` in JSON form.
 
@@ -204,13 +245,15 @@ def infer(self: Task, job_data: dict[str, Any]) -> dict[str, Any]:
                           helpers, tools)  # fmt: skip
     if isinstance(answered, HelperCall):
         hand_over(self.app, broker_redis(), answered, _queue_of(self))
+        fairshare.release(broker_redis(), job)  # it holds no slot while the helper works
         raise Ignore()  # acknowledged, no result: the job's ledger entry now waits for it
     return _finish(self, job, answered, timing, stream)
 
 
 # Under the job's id, so never "started": a duplicate continuation would overwrite the
 # stored reply with STARTED, and a caller still waiting would wait on.
-@app.task(name=AFTER_HELPER_TASK, bind=True, resultrepr_maxsize=1, track_started=False)
+@app.task(name=AFTER_HELPER_TASK, bind=True, base=AnswerTask, resultrepr_maxsize=1,
+          track_started=False)  # fmt: skip
 def after_helper(self: Task, value: dict[str, Any], then_data: dict[str, Any]) -> dict[str, Any]:
     """Answer a job handed over to a helper with the helper's `value` (see workers.handover)."""
     then = AfterHelper.model_validate(then_data)

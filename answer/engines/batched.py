@@ -12,6 +12,13 @@ its text (streamed back through a queue, so ``on_text`` runs in the task's
 own thread; gathered for TEXT_INTERVAL_S, so a task thread wakes some 20 times
 a second rather than once per token).
 
+Priorities: each job has a rank (interactive, normal, bulk: `options.priority`), and a
+step decodes only the jobs of the best rank present. A person's message that arrives while
+bulk work fills the batch joins at the next step and is generated as fast as on an idle
+model; the bulk jobs keep their slots and caches, paused, their time limit stopped (up to
+the hard limit, GPT4P_TASK_TIME_LIMIT). GPT4P_PRIORITY_SLOTS slots beyond GPT4P_PARALLEL
+are there for such jobs: the worker fills them only from its queues' fast lanes.
+
 Prefix cache: a slot keeps the tokens of its last job in its KV sequence; a
 new job goes to the free slot that shares the longest prefix with its prompt
 (a conversation's next turn finds its history there) and only the rest is
@@ -53,11 +60,13 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
 from answer.engines import (
+    RANKS,
     Generation,
     GenerationTimeLimitError,
     GrammarTooSlowError,
     TextDelta,
     TextSink,
+    batch_slots,
     offloaded_layers,
 )
 from answer.engines.prompting import PromptFitter
@@ -144,6 +153,8 @@ class _Request:
     logprobs: bool = False
     top_logprobs: int = 0
     guard: AnswerGuard | None = None  # where the answer stops being one (answer.guard)
+    rank: int = RANKS["normal"]  # a step decodes only the jobs of the best rank present
+    latest: float = 0.0  # the deadline may move while the job is paused, not past this
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     unsent: list[str] = field(default_factory=list)  # text not yet handed to the caller
@@ -193,7 +204,7 @@ class BatchedLlamaEngine:
         self._model = model
         self._settings = settings
         self.model_name = model_name
-        self.parallel = settings.parallel
+        self.parallel = batch_slots(settings)
         self._vocab = llama_cpp.llama_model_get_vocab(model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         metadata = model.metadata()
@@ -252,8 +263,9 @@ class BatchedLlamaEngine:
         model = LlamaModel(path_model=str(path), params=params, verbose=False)
         engine = cls(model, settings, model_label(settings))
         log.info(
-            "model loaded: %s in %.2fs (batched: %d slots of %d tokens, gpu_layers=%d)",
-            path.name, time.monotonic() - started, settings.parallel, settings.n_ctx, gpu_layers,
+            "model loaded: %s in %.2fs (batched: %d slots + %d for interactive jobs, of %d "
+            "tokens each, gpu_layers=%d)", path.name, time.monotonic() - started,
+            settings.parallel, settings.priority_slots, settings.n_ctx, gpu_layers,
         )  # fmt: skip
         return engine
 
@@ -295,6 +307,7 @@ class BatchedLlamaEngine:
         """
         settings = self._settings
         prompt, tokens, max_tokens = self._fitter.fit(messages, options)
+        now = time.monotonic()
         request = _Request(
             tokens=tokens,
             max_tokens=max_tokens,
@@ -304,7 +317,10 @@ class BatchedLlamaEngine:
             else options.temperature,
             top_p=options.top_p if options.top_p is not None else DEFAULT_TOP_P,
             seed=options.seed if options.seed is not None else settings.seed,
-            deadline=time.monotonic() + settings.task_soft_time_limit,
+            deadline=now + settings.task_soft_time_limit,
+            # Paused behind more urgent jobs, a job's time stops, up to the hard time limit.
+            latest=now + max(settings.task_soft_time_limit, settings.task_time_limit - 5),
+            rank=RANKS[options.priority or "normal"],
             ignore_eos=options.ignore_eos,
             grammar=options.grammar,
             logprobs=options.logprobs,
@@ -321,9 +337,10 @@ class BatchedLlamaEngine:
             request.cancelled.set()  # a caller that gave up frees its slot
 
     def _wait(self, request: _Request, on_text: TextSink | None) -> Generation:
-        # The engine enforces the deadline; this is only a guard against a dead engine.
-        guard = request.deadline + 60
+        # The engine enforces the deadline (which moves while the job is paused); this is
+        # only a guard against a dead engine.
         while True:
+            guard = request.deadline + 60
             try:
                 kind, value = request.events.get(timeout=max(0.1, guard - time.monotonic()))
             except queue.Empty:
@@ -492,7 +509,8 @@ class BatchedLlamaEngine:
             slot.grammar = None
 
     def _step(self) -> None:
-        """One llama_decode over every active job; then sample and hand out text."""
+        """One llama_decode over the active jobs of the best rank present (the others are
+        paused, their time limit stopped); then sample and hand out text."""
         now = time.monotonic()
         for slot in self._slots:
             request = slot.request
@@ -504,14 +522,20 @@ class BatchedLlamaEngine:
                 self._flush(slot, final=True)
                 request.events.put(("timeout", None))
                 self._release(slot, keep=True)
+        active = [slot for slot in self._slots if slot.request is not None]
+        if not active:
+            return
+        best = min(slot.request.rank for slot in active if slot.request is not None)
+        running = [s for s in active if s.request is not None and s.request.rank == best]
+        paused = [s.request for s in active if s.request is not None and s.request.rank != best]
         batch, n = self._batch, 0
         added: list[tuple[_Slot, list[int]]] = []
-        for slot in self._slots:  # one token for every generating job first
+        for slot in running:  # one token for every generating job first
             if slot.request is not None and slot.next_token is not None:
                 n = self._add(batch, n, slot, [slot.next_token], logits=True)
                 added.append((slot, [slot.next_token]))
                 slot.next_token = None
-        for slot in self._slots:  # then prompt chunks, as far as the batch has room
+        for slot in running:  # then prompt chunks, as far as the batch has room
             if slot.request is None or not slot.pending or n >= BATCH_TOKENS:
                 continue
             chunk = slot.pending[: BATCH_TOKENS - n]
@@ -531,6 +555,10 @@ class BatchedLlamaEngine:
             if slot.logits_index >= 0 and slot.request is not None:
                 self._sample(slot, slot.logits_index)
             slot.logits_index = -1
+        if paused:
+            spent = time.monotonic() - now
+            for request in paused:
+                request.deadline = min(request.deadline + spent, request.latest)
 
     def _add(self, batch: Any, n: int, slot: _Slot, tokens: list[int], logits: bool) -> int:
         pos = len(slot.cached)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -437,12 +438,27 @@ async def _scoped_idempotency_key(
     return f"{caller}:{name}:{fingerprint}"
 
 
+# Which models live workers serve, asked of Redis at most once a second per web process
+# (every request names a model; workers come and go far less often).
+SERVED_MODELS_TTL_S = 1.0
+_served: dict[int, tuple[float, list[str]]] = {}
+
+
+async def _served_models(client: redis.Redis) -> list[str]:
+    now = time.monotonic()
+    known = _served.get(id(client))
+    if known is None or known[0] <= now:
+        known = (now + SERVED_MODELS_TTL_S, await asyncio.to_thread(served_models, client))
+        _served[id(client)] = known
+    return known[1]
+
+
 async def _queue_for(model: str | None, client: redis.Redis) -> str:
     """The queue of the model the request names, when a live worker serves it."""
     if not model:
         return INFERENCE_QUEUE
     try:
-        served = await asyncio.to_thread(served_models, client)
+        served = await _served_models(client)
     except redis.RedisError:
         return INFERENCE_QUEUE  # _submit reports the outage
     # Clients send whatever model name they were written for: only a name we serve routes.

@@ -14,6 +14,7 @@ from kernel.contract import (
     ChatMessage,
     GenerationOptions,
     MediaRef,
+    Priority,
     Reply,
     ResponseFormat,
     TokenLogprob,
@@ -272,8 +273,18 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = False  # llama-server's and vLLM's extension, for benchmarks
+    # How soon (GPT4People's extension; unset: GPT4P_CHANNEL_PRIORITIES' http, "normal").
+    # OpenAI's own service_tier says the same: "priority" is interactive, "flex" bulk.
+    priority: Priority | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
     _stops = field_validator("stop")(_check_stops)
+
+    def _priority(self) -> Priority | None:
+        if self.priority is not None:
+            return self.priority
+        tiers: dict[str, Priority] = {"priority": "interactive", "flex": "bulk"}
+        return tiers.get(self.service_tier or "")
 
     def _options(self, max_tokens: int | None, **fields: Any) -> GenerationOptions:
         """Generation options with these shared fields, `max_tokens` and `fields`."""
@@ -285,6 +296,7 @@ class _SamplingRequest(BaseModel):
             seed=self.seed,
             stream=self.stream,
             ignore_eos=self.ignore_eos,
+            priority=self._priority(),
             **fields,
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +21,7 @@ from answer.engines import (
 from answer.engines.batched import GRAMMAR_JOBS, TEXT_INTERVAL_S, BatchedLlamaEngine
 from kernel.contract import ChatMessage, GenerationOptions
 from kernel.settings import Settings
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.model
 
@@ -39,7 +40,7 @@ def settings(**fields: object) -> Settings:
     # Batch-invariant: what these tests compare is exact text, and llama.cpp's repacked
     # CPU kernels round a lone token differently from a group (see the README).
     base = Settings(engine="llama", n_ctx=512, n_threads=2, max_tokens=64, parallel=4,
-                    batch_invariant=True)  # fmt: skip
+                    priority_slots=0, batch_invariant=True)  # fmt: skip
     return base.model_copy(update=fields)
 
 
@@ -178,6 +179,49 @@ def test_a_job_out_of_time_stops_with_its_text_and_frees_its_slot() -> None:
         assert engine.busy_slots == 0
     finally:
         engine.close()
+
+
+def test_an_interactive_job_pauses_bulk_jobs_until_it_is_answered(
+    engine: BatchedLlamaEngine,
+) -> None:
+    """A person's message is generated alone, at an idle model's speed, while the bulk jobs
+    keep their slots and go on after it (each answer whole)."""
+    bulk_text: dict[int, str] = {0: "", 1: ""}
+    seen: list[dict[int, int]] = []  # the bulk jobs' text lengths at the person's text events
+    lock = threading.Lock()
+
+    def bulk_sink(i: int) -> Callable[[str], None]:
+        def sink(text: str) -> None:
+            with lock:
+                bulk_text[i] += text
+
+        return sink
+
+    def person_sink(_: str) -> None:
+        with lock:
+            seen.append({i: len(t) for i, t in bulk_text.items()})
+
+    engine.text_interval = 0.0  # every token handed over as it comes: progress is visible
+    bulk = GenerationOptions(temperature=0.0, max_tokens=60, ignore_eos=True, priority="bulk")
+    person = GenerationOptions(temperature=0.0, max_tokens=32, ignore_eos=True,
+                               priority="interactive")  # fmt: skip
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(engine.generate, ask("Tell me a long story about a dragon."),
+                                bulk, bulk_sink(i)) for i in range(2)]  # fmt: skip
+            wait_for(lambda: all(bulk_text.values()), 60, "both bulk jobs to generate")
+            answer = engine.generate(ask("What do bees make?"), person, person_sink)
+            with lock:
+                during = {i: len(t) for i, t in bulk_text.items()}
+            stories = [job.result(timeout=120) for job in jobs]
+    finally:
+        engine.text_interval = TEXT_INTERVAL_S
+    assert answer.completion_tokens == 32 and len(seen) >= 16
+    # From the person's first token to their last, the bulk jobs got at most the token of
+    # the step that was decoding when the person's text went out (a thread hop late).
+    for i in bulk_text:
+        assert during[i] - seen[0][i] <= 12, (seen[0], during)
+    assert all(s.completion_tokens == 60 for s in stories)  # then they went on, whole
 
 
 def test_a_caller_that_gives_up_frees_its_slot() -> None:

@@ -19,7 +19,7 @@ from channels.email.intake import EmailRecords, owner_key
 from channels.email.poller import HANDLED, SET_ASIDE
 from tests.channels.conftest import EMAIL_AUTHSERV_ID, EMAIL_FROM, EMAIL_RATE_LIMIT, start_poller
 from tests.channels.mail_servers import Dovecot, SmtpCapture
-from tests.conftest import stop_process, wait_for
+from tests.conftest import queued_jobs, stop_process, wait_for
 
 _people = itertools.count(1)
 # What our receiving server adds on top of a mail whose From it authenticated.
@@ -80,7 +80,7 @@ def wait_idle(dovecot: Dovecot, client: redis.Redis) -> None:
     def idle() -> bool:
         with dovecot.mailbox() as box:
             unhandled = list(box.uids(f"UNKEYWORD {HANDLED}"))
-        queued = client.llen("inference") + client.llen("deliver.email")
+        queued = queued_jobs(client) + client.llen("deliver.email")
         return not unhandled and queued == 0 and client.hlen("unacked") == 0
 
     wait_for(idle, 30, "every mail to be handled", every=0.2)

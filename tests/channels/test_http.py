@@ -191,3 +191,25 @@ def test_metrics_count_jobs_latency_tokens_and_queues(client: openai.OpenAI, ech
     assert ("gpt4p_time_to_first_token_seconds_count", (("engine", "echo"),)) in values
     assert any(name == "gpt4p_worker_tokens_per_second" for name, _ in values)
     assert any(name == "gpt4p_model_load_seconds" for name, _ in values)
+
+
+def test_a_caller_chooses_how_soon_and_metrics_count_each_priority(
+    client: openai.OpenAI, echo_web: str
+) -> None:
+    def by_priority() -> dict[str, float]:
+        values = metric_values(echo_web)
+        return {p: values.get(("gpt4p_jobs_by_priority_total", (("priority", p),)), 0.0)
+                for p in ("interactive", "normal", "bulk")}  # fmt: skip
+
+    before = by_priority()
+    ask = [{"role": "user", "content": "how soon?"}]
+    # The API's default, OpenAI's own service_tier ("flex": bulk), and our field.
+    client.chat.completions.create(model="m", messages=ask)
+    client.chat.completions.create(model="m", messages=ask, service_tier="flex")
+    client.chat.completions.create(model="m", messages=ask,
+                                   extra_body={"priority": "interactive"})  # fmt: skip
+    after = by_priority()
+    assert {p: after[p] - before[p] for p in after} == {"interactive": 1, "normal": 1, "bulk": 1}
+    refused = httpx.post(f"{echo_web}/v1/chat/completions", timeout=30,
+                         json={"messages": ask, "priority": "right now"})  # fmt: skip
+    assert refused.status_code == 400 and "priority" in refused.text

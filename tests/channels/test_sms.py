@@ -26,7 +26,7 @@ from channels.web import create_app
 from kernel.settings import Settings
 from tests.channels.conftest import SMS_RATE_LIMIT
 from tests.channels.twilio_recorder import TwilioRecorder
-from tests.conftest import wait_for
+from tests.conftest import queued_jobs, wait_for
 
 _numbers = itertools.count(1)
 
@@ -77,7 +77,7 @@ def wait_idle(client: redis.Redis) -> None:
     """Wait until no job or delivery is queued, reserved or scheduled for retry."""
 
     def idle() -> bool:
-        queued = client.llen("inference") + client.llen("deliver.sms")
+        queued = queued_jobs(client) + client.llen("deliver.sms")
         return queued == 0 and client.hlen("unacked") == 0
 
     wait_for(idle, 30, "the queues to drain")

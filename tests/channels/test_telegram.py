@@ -44,6 +44,7 @@ from tests.conftest import (
     ROOT,
     base_env,
     emptied_database,
+    queued_jobs,
     redis_url,
     settings_of,
     start_web,
@@ -132,7 +133,7 @@ def wait_idle(client: redis.Redis) -> None:
     """Wait until no job or delivery is queued, held or waiting to be retried."""
 
     def idle() -> bool:
-        queued = client.llen("inference") + client.llen("deliver.telegram")
+        queued = queued_jobs(client) + client.llen("deliver.telegram")
         return queued == 0 and client.hlen("unacked") == 0
 
     wait_for(idle, 30, "the queues to drain")
@@ -157,7 +158,7 @@ def test_a_wrong_or_missing_secret_is_refused_and_nothing_is_queued(
 ) -> None:
     forged = update(chat, "forged")
     assert post(tg_web, forged, secret=secret).status_code == 403
-    assert tg_redis.llen("inference") == 0
+    assert queued_jobs(tg_redis) == 0
     # Nothing was recorded of it: the same update, genuine, is answered.
     assert post(tg_web, forged).status_code == 200
     assert replies(bot, chat, 1) == ["forged"]

@@ -36,6 +36,7 @@ from tests.channels.twilio_recorder import OUR_NUMBER, TwilioRecorder
 from tests.conftest import (
     base_env,
     emptied_database,
+    queued_jobs,
     redis_url,
     settings_of,
     start_web,
@@ -125,7 +126,7 @@ def wait_idle(client: redis.Redis) -> None:
     """Wait until no job or delivery is queued, reserved or scheduled for retry."""
 
     def idle() -> bool:
-        queued = client.llen("inference") + client.llen("deliver.whatsapp")
+        queued = queued_jobs(client) + client.llen("deliver.whatsapp")
         return queued == 0 and client.hlen("unacked") == 0
 
     wait_for(idle, 30, "the queues to drain")

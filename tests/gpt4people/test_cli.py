@@ -69,7 +69,11 @@ def test_status_shows_redis_workers_queues_and_model(echo_env: dict[str, str],
     done = run_cli(["status", "--json"], echo_env)
     report = json.loads(done.stdout)
     assert report["redis"]["up"] is True
-    assert report["workers"]["echo@test"]["queues"] == ["inference", "inference.model.echo"]
+    # Each queue and its fast lane (interactive jobs).
+    assert report["workers"]["echo@test"]["queues"] == [
+        "inference", "inference.interactive", "inference.model.echo",
+        "inference.model.echo.interactive",
+    ]  # fmt: skip
     assert report["queues"]["inference"] == 0
     assert report["model"] == "echo"
     assert report["channels"]["sms"]["queue"] == "deliver.sms"  # every registered channel
@@ -105,7 +109,7 @@ def test_status_job_says_where_a_job_is(
     app.close()
     done = run_cli(["status", "--json", "--job", job.id], base_env(state_dir, redis_url=url))
     where = json.loads(done.stdout)[job.id]["inference"]
-    assert where["queued_in"] == ["inference"]
+    assert where["queued_in"] == ["inference.interactive"]  # a cli job is interactive
     assert where["ledgered_s"] is not None and where["result"] is None
     assert "anyone?" not in done.stdout  # whereabouts, never the conversation
 
@@ -132,7 +136,7 @@ def test_the_model_is_loaded_once_per_worker_not_per_job(
     assert len(loads) == 1
     # Batched (the default): one engine in the worker process, shared by its task threads.
     assert loads[0]["process"] == "MainProcess"
-    assert "batched: 8 slots" in loads[0]["msg"]
+    assert "batched: 8 slots + 2 for interactive jobs" in loads[0]["msg"]
 
 
 def test_prompts_and_replies_stay_out_of_the_worker_log(

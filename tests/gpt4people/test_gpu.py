@@ -53,7 +53,8 @@ def test_a_pinned_worker_consumes_its_gpu_queue_and_the_shared_one(
         env=gpu_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     queues = {q["name"] for q in json.loads(inspected.stdout)["gpu1@test"]}
-    assert queues == {"inference", "inference.gpu1", "inference.model.echo"}
+    shared = {"inference", "inference.gpu1", "inference.model.echo"}
+    assert queues == shared | {f"{queue}.interactive" for queue in shared}  # and fast lanes
 
 
 def test_the_pinned_workers_processes_see_only_their_gpu(

@@ -164,3 +164,17 @@ def test_a_wrong_value_in_dotenv_names_its_variable(state_dir: Path, tmp_path: P
     assert ".env" in done.stderr and "Traceback" not in done.stderr
     # GPT4P_ENV_FILE="" reads none.
     assert run_cli(["models"], base_env(state_dir), timeout=60, cwd=tmp_path).returncode == 0
+
+
+def test_channel_priorities_are_written_as_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernel.channels import channel_priority
+
+    monkeypatch.setenv("GPT4P_CHANNEL_PRIORITIES", "email=interactive, http = bulk")
+    settings = load_settings()
+    assert channel_priority("email", settings) == "interactive"
+    assert channel_priority("http", settings) == "bulk"
+    assert channel_priority("sms", settings) == "interactive"  # the built-in default
+    monkeypatch.setenv("GPT4P_CHANNEL_PRIORITIES", "sms=urgent")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "GPT4P_CHANNEL_PRIORITIES" in str(refused.value)

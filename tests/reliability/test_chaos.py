@@ -21,7 +21,14 @@ import redis
 
 from gpt4people.redis_server import RedisServer, free_port
 from tests.channels.twilio_recorder import TwilioRecorder
-from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
+from tests.conftest import (
+    base_env,
+    queued_jobs,
+    start_web,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 from tests.reliability.whereabouts import Witness
 
 pytestmark = pytest.mark.model
@@ -111,7 +118,7 @@ def test_killed_workers_lose_no_sms_and_send_none_twice(
         recovery = time.monotonic() - killed_at
         witness.wait(lambda: answered(twilio, numbers) == 20, 180, "all 20 answers")
         all_answered = time.monotonic() - killed_at
-        witness.wait(lambda: client.llen("inference") + client.llen("deliver.sms") == 0
+        witness.wait(lambda: queued_jobs(client) + client.llen("deliver.sms") == 0
                      and client.hlen("unacked") == 0, 60, "the queues to drain")  # fmt: skip
     finally:
         client.close()
@@ -209,7 +216,7 @@ def test_redis_killed_while_texts_arrive_loses_none_and_repeats_none(
         recovery = time.monotonic() - killed_at
 
         def drained() -> bool:
-            queued = client.llen("inference") + client.llen("deliver.sms")
+            queued = queued_jobs(client) + client.llen("deliver.sms")
             return queued + client.hlen("gpt4p:ledger") == 0
 
         witness.wait(drained, 60, "the queues and the ledger to drain")

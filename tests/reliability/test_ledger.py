@@ -23,7 +23,13 @@ from celery import Celery
 from celery.signals import task_postrun
 
 from gpt4people.redis_server import RedisServer
-from kernel.contract import INFERENCE_QUEUE, INFERENCE_TASK, ChatMessage, Job
+from kernel.contract import (
+    INFERENCE_QUEUE,
+    INFERENCE_TASK,
+    ChatMessage,
+    Job,
+    interactive_queue,
+)
 from kernel.keys import (
     IDEMPOTENCY_PREFIX,
     LEDGER_KEY,
@@ -214,11 +220,12 @@ def test_a_replayed_job_whose_claim_outlived_a_crash_is_queued(
     # First try: the idempotency key was claimed, then Redis died before the job was queued.
     replayed = job(idempotency_key="SMabc")
     client.set(f"{IDEMPOTENCY_PREFIX}cli:SMabc", replayed.id, ex=IDEMPOTENCY_TTL_S)
+    lane = interactive_queue(INFERENCE_QUEUE)  # a cli job is interactive
     assert submit(app, replayed, client=client) == replayed.id
-    assert queued_ids(client) == [replayed.id]
+    assert queued_ids(client, lane) == [replayed.id]
     # A true duplicate (the job is ledgered and queued) is still not queued twice.
     assert submit(app, replayed, client=client) == replayed.id
-    assert queued_ids(client) == [replayed.id]
+    assert queued_ids(client, lane) == [replayed.id]
 
 
 def test_a_replay_older_than_any_stored_answer_is_not_queued_again(
@@ -228,7 +235,7 @@ def test_a_replay_older_than_any_stored_answer_is_not_queued_again(
     old = job(idempotency_key="SMold")
     client.set(f"{IDEMPOTENCY_PREFIX}cli:SMold", old.id, ex=IDEMPOTENCY_TTL_S - 2 * 86400)
     assert submit(app, old, client=client) == old.id
-    assert queued_ids(client) == []
+    assert queued_ids(client, interactive_queue(INFERENCE_QUEUE)) == queued_ids(client) == []
 
 
 def answered(client: redis.Redis, job_id: str) -> dict[str, Any] | None:

@@ -27,7 +27,14 @@ from kernel.redis_client import redis_client
 from kernel.replication import ReplicaWait
 from kernel.settings import Settings
 from tests.channels.twilio_recorder import TwilioRecorder
-from tests.conftest import base_env, start_web, start_worker, stop_process, wait_for
+from tests.conftest import (
+    base_env,
+    queued_jobs,
+    start_web,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 from tests.reliability.redis_ha import REDIS_PASSWORD, SentinelCluster
 from tests.reliability.test_chaos import text
 from tests.reliability.whereabouts import Witness
@@ -97,7 +104,7 @@ def test_a_failover_loses_no_accepted_sms_and_sends_none_twice(
         witness.wait(lambda: len(first_answer) == TEXTS, 120, "every accepted text to be answered")
 
         def drained() -> bool:
-            queued = client.llen("inference") + client.llen("deliver.sms")
+            queued = queued_jobs(client) + client.llen("deliver.sms")
             return queued + client.hlen("gpt4p:ledger") == 0
 
         witness.wait(drained, 60, "the queues and the ledger to drain")
@@ -197,7 +204,7 @@ def test_the_webhook_answers_twilio_only_after_waiting_for_the_replica(
         counters = primary.hgetall("gpt4p:metrics:counters")
         waited = [v for k, v in counters.items() if b"gpt4p_replication_wait_timeouts" in k]
         assert waited and int(waited[0]) >= 1
-        assert primary.llen("inference") == 1  # accepted all the same
+        assert queued_jobs(primary) == 1  # accepted all the same
     finally:
         os.kill(cluster.replica.process.pid, signal.SIGCONT)
         primary.close()

@@ -43,7 +43,7 @@ from kernel.settings import Settings
 from tests.channels.conftest import EMAIL_FROM, running_email_stack
 from tests.channels.mail_servers import Dovecot, SmtpCapture
 from tests.channels.test_email import answers, body_of, mail
-from tests.conftest import base_env, redis_url, wait_for
+from tests.conftest import base_env, queued_jobs, redis_url, wait_for
 from tests.security.conftest import DB_SEC_EMAIL
 from workers.app import celery_for
 
@@ -173,7 +173,7 @@ def wait_idle(dovecot: Dovecot, client: redis.Redis, folder: str = FOLDER) -> No
         with dovecot.mailbox() as box:
             box.folder.set(folder)
             unhandled = list(box.uids(f"UNKEYWORD {HANDLED}"))
-        queued = cast(int, client.llen("inference")) + cast(int, client.llen("deliver.email"))
+        queued = queued_jobs(client) + cast(int, client.llen("deliver.email"))
         return not unhandled and queued == 0 and client.hlen("unacked") == 0
 
     wait_for(idle, 30, "every mail to be handled", every=0.2)

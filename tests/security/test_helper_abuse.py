@@ -273,7 +273,11 @@ def texted(prompt: str, number: str) -> Job:
 def settled(client: redis.Redis, job_id: str) -> bool:
     """Nothing of the job is left to run: no message naming it (a continuation, a delivery)
     queued or held by a worker, and nothing of it in the ledger."""
-    queued = [*client.lrange("inference", 0, -1), *client.lrange("deliver.sms", 0, -1)]
+    queued = [
+        *client.lrange("inference", 0, -1),
+        *client.lrange("inference.interactive", 0, -1),
+        *client.lrange("deliver.sms", 0, -1),
+    ]
     held = cast(list[bytes], [*queued, *client.hvals(UNACKED_KEY)])
     pending = any(job_id.encode() in raw for raw in held)
     entries = client.hexists(LEDGER_KEY, job_id) or client.hexists(LEDGER_KEY, f"{job_id}.deliver")
