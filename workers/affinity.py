@@ -20,7 +20,10 @@ entry names the shared queue, where the sweep does not find it, so it is sent th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import threading
 import time
 from typing import cast
 
@@ -36,6 +39,8 @@ from kernel.keys import (
     INFERENCE_MODELS_KEY,
     INFERENCE_SLOTS_KEY,
 )
+
+log = logging.getLogger(__name__)
 
 # How long a worker is remembered as holding a conversation (a slot's cache lasts until
 # another job takes the slot; a person's next message usually comes within minutes).
@@ -119,17 +124,54 @@ def remember(pipe: Pipeline, job: Job, hostname: str) -> None:
     pipe.set(conversation_key(job), hostname, ex=AFFINITY_TTL_S)
 
 
-def holding(client: redis.Redis | Pipeline, hostname: str, change: int) -> None:
-    """`hostname` holds `change` more (or fewer) jobs."""
-    client.hincrby(INFERENCE_BUSY_KEY, hostname, change)
+class HeldJobs:
+    """How many jobs this worker holds, counted in the process and written to Redis by a
+    thread of its own: the count moves with every job, and no job waits for the write."""
 
+    def __init__(self, client: redis.Redis, hostname: str, main: int, lane: int) -> None:
+        self.client, self.hostname = client, hostname
+        self.slots = f"{main},{lane}"
+        self.held = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="held-jobs", daemon=True)
 
-def announce(client: redis.Redis, hostname: str, main: int, lane: int, busy: int) -> None:
-    """`hostname` has `main` slots and `lane` fast-lane slots, and holds `busy` jobs."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hset(INFERENCE_SLOTS_KEY, hostname, f"{main},{lane}")
-    pipe.hset(INFERENCE_BUSY_KEY, hostname, str(busy))
-    pipe.execute()
+    def start(self) -> None:
+        """Say the worker's slots, with none held (Redis errors raise), then keep it told."""
+        self._write()
+        self._thread.start()
+
+    def change(self, by: int) -> None:
+        """The worker holds `by` more (or fewer) jobs."""
+        with self._lock:
+            self.held = max(0, self.held + by)
+        self._changed.set()
+
+    def stop(self) -> None:
+        """Stop writing; the worker holds nothing any more."""
+        self._stop.set()
+        self._changed.set()
+        self._thread.join(5)
+        with contextlib.suppress(redis.RedisError):
+            self.client.hdel(INFERENCE_BUSY_KEY, self.hostname)
+
+    def _write(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(INFERENCE_SLOTS_KEY, self.hostname, self.slots)
+        pipe.hset(INFERENCE_BUSY_KEY, self.hostname, str(self.held))
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._changed.wait(5.0)  # and every 5 s regardless (Redis may have restarted)
+            self._changed.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._write()
+            except redis.RedisError as error:
+                log.debug("held jobs not written (%s)", error.__class__.__name__)
 
 
 def busy(client: redis.Redis, hostname: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from typing import Any, cast
 
 import redis
@@ -219,23 +220,31 @@ class _ReplyListener:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.pubsub = client.pubsub()
-        self.inboxes: dict[str, asyncio.Queue[bytes]] = {}
+        # Per channel, the inbox of each caller waiting on it (two requests can wait for
+        # one job: the same Idempotency-Key).
+        self.inboxes: dict[str, list[asyncio.Queue[bytes]]] = {}
         self.reader: asyncio.Task[None] | None = None
 
-    async def listen(self, channel: str) -> asyncio.Queue[bytes]:
-        """Subscribe to `channel`; what is published there comes into the queue returned."""
-        inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self.inboxes[channel] = inbox
+    async def listen(self, channel: str, inbox: asyncio.Queue[bytes]) -> None:
+        """Subscribe to `channel`: what is published there comes into `inbox`."""
+        self.inboxes.setdefault(channel, []).append(inbox)
         await self.pubsub.subscribe(channel)
         if self.reader is None or self.reader.done():
             self.reader = asyncio.create_task(self._read(), name="reply-listener")
-        return inbox
 
-    async def stop(self, channel: str) -> None:
-        """Stop listening to `channel`."""
+    async def stop(self, channel: str, inbox: asyncio.Queue[bytes]) -> None:
+        """Stop listening to `channel` into `inbox` (unsubscribed when no one else does)."""
+        waiting = self.inboxes.get(channel, [])
+        if inbox in waiting:
+            waiting.remove(inbox)
+        if waiting:
+            return
         self.inboxes.pop(channel, None)
         if self.pubsub.connection is not None:
-            await self.pubsub.unsubscribe(channel)
+            try:
+                await self.pubsub.unsubscribe(channel)
+            except (aioredis.RedisError, OSError) as error:  # gone with the connection
+                log.debug("reply listener: unsubscribe failed (%s)", error)
 
     async def _read(self) -> None:
         while self.inboxes or self.pubsub.subscribed:
@@ -248,30 +257,31 @@ class _ReplyListener:
                 continue
             if message is not None and message.get("type") == "message":
                 channel = message["channel"]
-                inbox = self.inboxes.get(channel.decode() if isinstance(channel, bytes)
-                                         else channel)  # fmt: skip
-                if inbox is not None:
+                name = channel.decode() if isinstance(channel, bytes) else str(channel)
+                for inbox in self.inboxes.get(name, []):
                     inbox.put_nowait(message["data"])
 
 
-_listeners: dict[tuple[int, int], _ReplyListener] = {}
+# Per event loop (a closed loop's listeners go with it), per client.
+_listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _ReplyListener]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _listener(client: aioredis.Redis) -> _ReplyListener:
     """The reply listener of `client` on the running event loop."""
-    key = (id(asyncio.get_running_loop()), id(client))
-    listener = _listeners.get(key)
-    if listener is None:
-        listener = _listeners[key] = _ReplyListener(client)
-    return listener
+    mine = _listeners.setdefault(asyncio.get_running_loop(), {})
+    if id(client) not in mine:
+        mine[id(client)] = _ReplyListener(client)
+    return mine[id(client)]
 
 
 async def await_reply(client: aioredis.Redis, job_id: str, timeout: float) -> Reply:
     """Wait without blocking the event loop until the reply to `job_id` is stored."""
     key = RESULT_KEY_PREFIX + job_id
-    listener = _listener(client)
-    inbox = await listener.listen(key)
+    listener, inbox = _listener(client), asyncio.Queue[bytes]()
     try:
+        await listener.listen(key, inbox)
         # Subscribed first, then read: a result stored in between is not missed.
         raw = await client.get(key)
         loop = asyncio.get_running_loop()
@@ -289,4 +299,4 @@ async def await_reply(client: aioredis.Redis, job_id: str, timeout: float) -> Re
             except TimeoutError:
                 raw = await client.get(key)
     finally:
-        await listener.stop(key)
+        await listener.stop(key, inbox)

@@ -69,7 +69,7 @@ class WorkerProcess:
         self._gateway: HelperGateway | None = None
         self.recovery: Recovery | None = None
         self.liveness: WorkerHeartbeat | None = None
-        self.hostname: str | None = None  # the worker's, once it is ready
+        self.held: affinity.HeldJobs | None = None  # a batched worker's count of its jobs
         self.helper_heartbeat: Heartbeat | None = None
 
     def engine(self) -> Engine:
@@ -245,22 +245,27 @@ class SlotCount(WorkerConcern):
     def worker_ready(self, process: WorkerProcess, consumer: Any) -> None:
         if process.keeps_conversations:
             settings = get_settings()
-            process.hostname = consumer.hostname
-            affinity.announce(broker_redis(), consumer.hostname, settings.parallel,
-                              settings.priority_slots, busy=0)  # fmt: skip
+            held = affinity.HeldJobs(broker_redis(), consumer.hostname, settings.parallel,
+                                     settings.priority_slots)  # fmt: skip
+            held.start()
+            process.held = held
 
     def task_received(self, process: WorkerProcess, request: Any) -> None:
-        if process.keeps_conversations and process.hostname:
-            affinity.holding(broker_redis(), process.hostname, +1)
+        if process.held is not None:
+            process.held.change(+1)
 
     def task_finished(self, process: WorkerProcess, task_id: str, state: str | None,
                       retval: object) -> None:  # fmt: skip
-        if process.keeps_conversations and process.hostname:
-            affinity.holding(broker_redis(), process.hostname, -1)
+        if process.held is not None:
+            process.held.change(-1)
 
     def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
-        if process.keeps_conversations and process.hostname:
-            affinity.holding(broker_redis(), process.hostname, -1)
+        if process.held is not None:
+            process.held.change(-1)
+
+    def worker_stopping(self, process: WorkerProcess) -> None:
+        if process.held is not None:
+            process.held.stop()
 
 
 class HelperRegistration(WorkerConcern):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from kernel.contract import PRIORITIES, ChatMessage, GenerationOptions, TokenLogprob
+from kernel.contract import ChatMessage, GenerationOptions, TokenLogprob
 from kernel.settings import Settings
 
 TextSink = Callable[[str], None]
@@ -103,11 +103,6 @@ def batch_slots(settings: Settings) -> int:
     """The slots of a batched engine: GPT4P_PARALLEL for any job, and GPT4P_PRIORITY_SLOTS
     more that the worker fills only from its fast lanes (interactive jobs)."""
     return settings.parallel + settings.priority_slots
-
-
-# A job's rank in a batch: a step decodes only the jobs of the best rank present, so a
-# person's answer is generated at the speed of an idle model while bulk work waits.
-RANKS: dict[str, int] = {priority: rank for rank, priority in enumerate(PRIORITIES)}
 
 
 def offloaded_layers(settings: Settings) -> int:

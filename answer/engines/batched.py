@@ -12,12 +12,14 @@ its text (streamed back through a queue, so ``on_text`` runs in the task's
 own thread; gathered for TEXT_INTERVAL_S, so a task thread wakes some 20 times
 a second rather than once per token).
 
-Priorities: each job has a rank (interactive, normal, bulk: `options.priority`), and a
-step decodes only the jobs of the best rank present. A person's message that arrives while
-bulk work fills the batch joins at the next step and is generated as fast as on an idle
-model; the bulk jobs keep their slots and caches, paused, their time limit stopped (up to
-the hard limit, GPT4P_TASK_TIME_LIMIT). GPT4P_PRIORITY_SLOTS slots beyond GPT4P_PARALLEL
-are there for such jobs: the worker fills them only from its queues' fast lanes.
+Priorities: while an interactive job (`options.priority`: a person waiting) is in the
+batch, a step decodes only the interactive jobs. A person's message that arrives while
+long generations fill the batch joins at the next step and is generated as fast as on an
+idle model; the others keep their slots and caches, paused, their time limit stopped (up
+to the hard limit, GPT4P_TASK_TIME_LIMIT), and go on when it is answered. Normal and bulk
+jobs share the batch alike (their order is the queue's business): the batch never idles
+while there is work. GPT4P_PRIORITY_SLOTS slots beyond GPT4P_PARALLEL are there for
+interactive jobs: the worker fills them only from its queues' fast lanes.
 
 Prefix cache: a slot keeps the tokens of its last job in its KV sequence; a
 new job goes to the free slot that shares the longest prefix with its prompt
@@ -60,7 +62,6 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
 from answer.engines import (
-    RANKS,
     Generation,
     GenerationTimeLimitError,
     GrammarTooSlowError,
@@ -153,7 +154,7 @@ class _Request:
     logprobs: bool = False
     top_logprobs: int = 0
     guard: AnswerGuard | None = None  # where the answer stops being one (answer.guard)
-    rank: int = RANKS["normal"]  # a step decodes only the jobs of the best rank present
+    urgent: bool = False  # interactive: while one is in the batch, the others pause
     latest: float = 0.0  # the deadline may move while the job is paused, not past this
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -320,7 +321,7 @@ class BatchedLlamaEngine:
             deadline=now + settings.task_soft_time_limit,
             # Paused behind more urgent jobs, a job's time stops, up to the hard time limit.
             latest=now + max(settings.task_soft_time_limit, settings.task_time_limit - 5),
-            rank=RANKS[options.priority or "normal"],
+            urgent=options.priority == "interactive",
             ignore_eos=options.ignore_eos,
             grammar=options.grammar,
             logprobs=options.logprobs,
@@ -509,8 +510,8 @@ class BatchedLlamaEngine:
             slot.grammar = None
 
     def _step(self) -> None:
-        """One llama_decode over the active jobs of the best rank present (the others are
-        paused, their time limit stopped); then sample and hand out text."""
+        """One llama_decode over the active jobs (only the interactive ones while there are
+        any: the others pause, their time limit stopped); then sample and hand out text."""
         now = time.monotonic()
         for slot in self._slots:
             request = slot.request
@@ -525,9 +526,11 @@ class BatchedLlamaEngine:
         active = [slot for slot in self._slots if slot.request is not None]
         if not active:
             return
-        best = min(slot.request.rank for slot in active if slot.request is not None)
-        running = [s for s in active if s.request is not None and s.request.rank == best]
-        paused = [s.request for s in active if s.request is not None and s.request.rank != best]
+        urgent = [s for s in active if s.request is not None and s.request.urgent]
+        running = urgent or active
+        paused = [s.request for s in active if s.request is not None and not s.request.urgent]
+        if not urgent:
+            paused = []
         batch, n = self._batch, 0
         added: list[tuple[_Slot, list[int]]] = []
         for slot in running:  # one token for every generating job first

@@ -667,6 +667,8 @@ async def _stream(
                 kind, text, logprobs = _event(message["data"])
                 if kind == "end":
                     current.ended = True  # the whole text is here; the reply is being stored
+                    if all(c.ended for c in choices):
+                        break  # not a moment later: the replies come next
                 elif kind == "delta":
                     text = _shown(current, text, renderer.strips(current))
                     current.pending += logprobs  # a held or blank piece's go with the next

@@ -19,7 +19,14 @@ from celery import Celery
 
 from gpt4people.redis_server import RedisServer
 from kernel.contract import ChatMessage, GenerationOptions, Job, Priority, model_queue, worker_queue
-from kernel.keys import INFERENCE_LIVE_KEY, INFERENCE_MODELS_KEY, LEDGER_KEY, LEDGER_LOCK_KEY
+from kernel.keys import (
+    INFERENCE_BUSY_KEY,
+    INFERENCE_LIVE_KEY,
+    INFERENCE_MODELS_KEY,
+    INFERENCE_SLOTS_KEY,
+    LEDGER_KEY,
+    LEDGER_LOCK_KEY,
+)
 from kernel.settings import Settings
 from tests.conftest import (
     base_env,
@@ -84,7 +91,8 @@ def a_worker_holds(client: redis.Redis, job: Job, busy: int = 0, model: str = "m
     conversation and `busy` jobs."""
     client.zadd(INFERENCE_LIVE_KEY, {HOST: time.time() if beat is None else beat})
     client.hset(INFERENCE_MODELS_KEY, HOST, model)
-    affinity.announce(client, HOST, 2, 1, busy)
+    client.hset(INFERENCE_SLOTS_KEY, HOST, "2,1")
+    client.hset(INFERENCE_BUSY_KEY, HOST, busy)
     client.set(affinity.conversation_key(job), HOST)
 
 
