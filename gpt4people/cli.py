@@ -149,9 +149,10 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     mark_inference_worker(os.environ)
     if batches(settings):
         # Its own queue first: the next turns of the conversations its cache holds.
-        from celery.utils.nodenames import host_format
+        from celery.utils.nodenames import default_nodename, host_format
 
-        queues.insert(0, worker_queue(host_format(hostname)))
+        # Named as Celery names the worker ("cpu1" is celery@cpu1).
+        queues.insert(0, worker_queue(host_format(default_nodename(hostname))))
     # Each queue's fast lane first: the worker takes interactive jobs before the others.
     queues = [*(interactive_queue(queue) for queue in queues), *queues]
     command = celery_command(*inference_worker_arguments(settings, queues, hostname, concurrency))

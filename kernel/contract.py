@@ -45,6 +45,14 @@ def worker_queue(hostname: str) -> str:
     return f"{INFERENCE_QUEUE}.worker.{hostname}"
 
 
+def worker_of(queue: str) -> str | None:
+    """The hostname of the worker whose own queue (or its fast lane) `queue` is, or None."""
+    prefix = worker_queue("")
+    if not queue.startswith(prefix):
+        return None
+    return queue.removeprefix(prefix).removesuffix(INTERACTIVE_SUFFIX)
+
+
 def shared_queue(queue: str) -> str:
     """`queue`, or the shared queue (with its fast lane) when `queue` is a worker's own."""
     if queue.startswith(worker_queue("")):

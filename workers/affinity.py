@@ -67,8 +67,10 @@ return host
 
 
 def conversation_key(job: Job) -> str:
-    """The Redis key naming `job`'s conversation: its channel, sender and first message."""
-    first = job.messages[0].content[:2048]
+    """The Redis key naming `job`'s conversation: its channel, sender and first message of
+    the user's (a system message is the same in every conversation of an API client)."""
+    users = [m for m in job.messages if m.role == "user"] or job.messages
+    first = users[0].content[:2048]
     digest = hashlib.sha256(f"{job.channel}\0{job.user}\0{first}".encode()).hexdigest()[:24]
     return AFFINITY_PREFIX + digest
 
@@ -131,7 +133,7 @@ class HeldJobs:
     def __init__(self, client: redis.Redis, hostname: str, main: int, lane: int) -> None:
         self.client, self.hostname = client, hostname
         self.slots = f"{main},{lane}"
-        self.held = 0
+        self.held: set[str] = set()  # task ids: a job revoked before it came counts nothing
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stop = threading.Event()
@@ -142,24 +144,36 @@ class HeldJobs:
         self._write()
         self._thread.start()
 
-    def change(self, by: int) -> None:
-        """The worker holds `by` more (or fewer) jobs."""
+    def took(self, task_id: str) -> None:
+        """The worker took task `task_id`."""
         with self._lock:
-            self.held = max(0, self.held + by)
+            self.held.add(task_id)
+        self._changed.set()
+
+    def done(self, task_id: str) -> None:
+        """Task `task_id` ended (or was revoked) here."""
+        with self._lock:
+            self.held.discard(task_id)
         self._changed.set()
 
     def stop(self) -> None:
-        """Stop writing; the worker holds nothing any more."""
+        """Stop writing and take this worker out of the routing (it is shutting down: it
+        takes no more jobs, so none should be sent its way)."""
         self._stop.set()
         self._changed.set()
         self._thread.join(5)
         with contextlib.suppress(redis.RedisError):
-            self.client.hdel(INFERENCE_BUSY_KEY, self.hostname)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(INFERENCE_SLOTS_KEY, self.hostname)
+            pipe.hdel(INFERENCE_BUSY_KEY, self.hostname)
+            pipe.execute()
 
     def _write(self) -> None:
+        with self._lock:
+            held = len(self.held)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(INFERENCE_SLOTS_KEY, self.hostname, self.slots)
-        pipe.hset(INFERENCE_BUSY_KEY, self.hostname, str(self.held))
+        pipe.hset(INFERENCE_BUSY_KEY, self.hostname, str(held))
         pipe.execute()
 
     def _run(self) -> None:

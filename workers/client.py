@@ -130,7 +130,9 @@ def _placed(client: redis.Redis, job: Job, queue: str) -> tuple[Job, str, bool, 
     if settings.sender_slots:
         max_age = settings.task_time_limit * 1.2 + 10  # as the reaper's "stuck" (lifecycle)
         count_at = fairshare.claim(pipe, job, max_age)
-    model = affinity.routable(queue)
+    # Not bulk: it would wait behind every normal job in one worker's own queue, where no
+    # other worker can take it.
+    model = affinity.routable(queue) if priority != "bulk" else None
     question = None
     if model is not None:
         question = affinity.Question(job, model, priority, settings.worker_heartbeat_ttl)

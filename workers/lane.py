@@ -26,6 +26,7 @@ from typing import Any
 
 from celery import bootsteps
 from kombu import Consumer
+from kombu.common import ignore_errors
 
 from answer.engines import batches
 from kernel.contract import INTERACTIVE_SUFFIX
@@ -56,6 +57,17 @@ class FastLane(bootsteps.ConsumerStep):
         self._lanes = [q for q in c.task_consumer.queues if q.name.endswith(INTERACTIVE_SUFFIX)]
         if self._slots and self._lanes:
             super().start(c)
+
+    def stop(self, c: Any) -> None:
+        """Stop taking jobs, as Celery's own task consumer does at a warm shutdown: cancel,
+        but keep the channel open while the pool finishes its jobs (closing it would put
+        every unacknowledged job back on its queue to be answered a second time)."""
+        for consumer in self.consumers or []:
+            ignore_errors(c.connection, consumer.cancel)
+
+    def shutdown(self, c: Any) -> None:
+        """Close the channel once the worker is done (its jobs acknowledged)."""
+        self._close(c, cancel_consumers=True)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         """One kombu consumer of the fast lanes this worker consumes, on its own channel,

@@ -35,7 +35,9 @@ import redis.exceptions
 from celery import Celery
 from redis.client import Pipeline
 
+from kernel.contract import worker_of
 from kernel.keys import (
+    INFERENCE_LIVE_KEY,
     LEDGER_KEY,
     LEDGER_LOCK_KEY,
     LEDGER_MISSING_KEY,
@@ -96,6 +98,8 @@ def send(
     task_id = task_id or str(uuid.uuid4())
     entry = {"name": name, "args": args, "queue": resend_to or queue, "at": time.time(),
              "resent": 0}  # fmt: skip
+    if resend_to and resend_to != queue:
+        entry["routed"] = queue  # where it waits meanwhile: the sweep looks there too
     if options.get("priority") is not None:  # a Celery message priority, kept on a resend
         entry["priority"] = options["priority"]
     pipe = client.pipeline(transaction=False)
@@ -189,7 +193,13 @@ def sweep(
     seen_missing = {k.decode(): float(v) for k, v in raw_missing.items()}
     missing: set[str] = set()
     if old:
-        queues = sorted({e["queue"] for e in old.values()})
+        # A job routed to one worker's own queue waits there while that worker is alive;
+        # once it is not, the job counts as lost, and is sent to the shared queue.
+        live = {h.decode() for h in cast(list[bytes], client.zrangebyscore(
+            INFERENCE_LIVE_KEY, now - grace, "+inf"))}  # fmt: skip
+        routed = {e["routed"] for e in old.values()
+                  if e.get("routed") and worker_of(e["routed"]) in live}  # fmt: skip
+        queues = sorted({e["queue"] for e in old.values()} | routed)
         keys = [*(key for queue in queues for key in queue_keys(queue)), UNACKED_KEY]
         found = client.eval(_FIND_MISSING, len(keys), *keys, *old)
         missing = {m.decode() if isinstance(m, bytes) else str(m) for m in cast(list[Any], found)}

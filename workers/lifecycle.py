@@ -33,6 +33,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 
 from answer.engines import Engine, batches, create_engine
@@ -126,6 +127,10 @@ class WorkerConcern:
 
     def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
         """When a task is revoked (``task_revoked``) instead of run."""
+
+    def worker_shutting_down(self, process: WorkerProcess) -> None:
+        """When the worker begins to shut down (``worker_shutting_down``), before its pool
+        has finished its jobs."""
 
     def worker_stopping(self, process: WorkerProcess) -> None:
         """When the worker shuts down (``worker_shutdown``)."""
@@ -251,19 +256,19 @@ class SlotCount(WorkerConcern):
             process.held = held
 
     def task_received(self, process: WorkerProcess, request: Any) -> None:
-        if process.held is not None:
-            process.held.change(+1)
+        if process.held is not None and request.id:
+            process.held.took(request.id)
 
     def task_finished(self, process: WorkerProcess, task_id: str, state: str | None,
                       retval: object) -> None:  # fmt: skip
         if process.held is not None:
-            process.held.change(-1)
+            process.held.done(task_id)
 
     def task_revoked(self, process: WorkerProcess, task_id: str) -> None:
         if process.held is not None:
-            process.held.change(-1)
+            process.held.done(task_id)
 
-    def worker_stopping(self, process: WorkerProcess) -> None:
+    def worker_shutting_down(self, process: WorkerProcess) -> None:
         if process.held is not None:
             process.held.stop()
 
@@ -343,6 +348,12 @@ def _task_revoked(request: Any, **_: object) -> None:
     task_id = getattr(request, "id", None)
     if task_id:
         _run("job revoked", lambda c: c.task_revoked(this_process, task_id), CONCERNS)
+
+
+@worker_shutting_down.connect
+def _worker_shutting_down(**_: object) -> None:
+    _run("worker shutting down", lambda c: c.worker_shutting_down(this_process),
+         reversed(CONCERNS))  # fmt: skip
 
 
 @worker_shutdown.connect

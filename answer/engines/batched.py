@@ -87,6 +87,13 @@ BATCH_TOKENS = 512  # tokens per llama_decode call (prompt chunks + one per gene
 # A job's text is handed to its task thread at most this often (the first piece at once):
 # waking a thread per token takes a core from the decode on a small machine.
 TEXT_INTERVAL_S = 0.05
+# After the last interactive job of a batch ends, the others stay paused this long: the
+# answer still has its way out (its result stored, its delivery task, the SMS or HTTP
+# send), and on a small CPU a batch resuming at once takes the cores from it.
+PAUSE_AFTER_INTERACTIVE_S = 0.1
+# A job paused this long in all (a steady stream of interactive work) is no longer paused:
+# it goes on beside the interactive jobs, so no job waits for ever.
+MAX_PAUSE_S = 30.0
 # A grammar's pass over the whole vocabulary runs in the engine thread, so every job of the
 # batch waits for it: one pass over this ends the job, and so does grammar work in all
 # (passes, checks and accepts) past GRAMMAR_JOB_BUDGET_S plus GRAMMAR_TOKEN_BUDGET_S per token
@@ -155,6 +162,7 @@ class _Request:
     top_logprobs: int = 0
     guard: AnswerGuard | None = None  # where the answer stops being one (answer.guard)
     urgent: bool = False  # interactive: while one is in the batch, the others pause
+    paused_s: float = 0.0  # how long it has been paused in all (MAX_PAUSE_S)
     latest: float = 0.0  # the deadline may move while the job is paused, not past this
     events: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -244,6 +252,7 @@ class BatchedLlamaEngine:
         self._stopped = threading.Event()
         self._eog_tokens: list[int] | None = None
         self.text_interval = TEXT_INTERVAL_S
+        self._urgent_until = 0.0  # the others stay paused until then (an interactive job ran)
         self.steps = 0  # llama_decode calls, for tests and metrics
         self.reused_tokens = 0  # prompt tokens found in the prefix cache
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
@@ -527,10 +536,21 @@ class BatchedLlamaEngine:
         if not active:
             return
         urgent = [s for s in active if s.request is not None and s.request.urgent]
-        running = urgent or active
-        paused = [s.request for s in active if s.request is not None and not s.request.urgent]
-        if not urgent:
+        # A job paused MAX_PAUSE_S in all runs beside the interactive ones from then on.
+        overdue = [s for s in active if s.request is not None and not s.request.urgent
+                   and s.request.paused_s >= MAX_PAUSE_S]  # fmt: skip
+        paused = [s.request for s in active if s.request is not None and not s.request.urgent
+                  and s.request.paused_s < MAX_PAUSE_S]  # fmt: skip
+        if urgent:
+            self._urgent_until = now + PAUSE_AFTER_INTERACTIVE_S
+        elif now < self._urgent_until:
+            # A person's answer is on its way out: give it the cores a moment longer.
+            time.sleep(min(self._urgent_until - now, 0.005))
+            self._paused(paused, time.monotonic() - now)
+            return
+        else:
             paused = []
+        running = urgent + overdue if urgent else active
         batch, n = self._batch, 0
         added: list[tuple[_Slot, list[int]]] = []
         for slot in running:  # one token for every generating job first
@@ -558,10 +578,14 @@ class BatchedLlamaEngine:
             if slot.logits_index >= 0 and slot.request is not None:
                 self._sample(slot, slot.logits_index)
             slot.logits_index = -1
-        if paused:
-            spent = time.monotonic() - now
-            for request in paused:
-                request.deadline = min(request.deadline + spent, request.latest)
+        self._paused(paused, time.monotonic() - now)
+
+    @staticmethod
+    def _paused(requests: list[_Request], spent: float) -> None:
+        """`requests` waited `spent` seconds for interactive jobs: their time limit stops."""
+        for request in requests:
+            request.paused_s += spent
+            request.deadline = min(request.deadline + spent, request.latest)
 
     def _add(self, batch: Any, n: int, slot: _Slot, tokens: list[int], logits: bool) -> int:
         pos = len(slot.cached)

@@ -275,11 +275,22 @@ async def _answer_request(
 ) -> Response:
     """Check `jobs` as a worker would, key them for retries, then queue and answer them."""
     settings, _, client = _state(request)
+    if caller == OPEN_CALLER:
+        jobs = [_not_interactive(job) for job in jobs]
     await _check_before_queueing(jobs, settings)
     if idempotency_key:
         scoped = await _scoped_idempotency_key(client, caller, idempotency_key, body)
         jobs = _with_idempotency_keys(jobs, scoped)
     return await _answer(request, body.model, jobs, body.stream, renderer_for(jobs))
+
+
+def _not_interactive(job: Job) -> Job:
+    """`job` at its channel's priority if it asked to be interactive: on an open API (no
+    keys) anyone could, and an interactive job pauses everyone else's in its batch; an
+    operator who issues keys decides who may."""
+    if job.options.priority != "interactive":
+        return job
+    return job.model_copy(update={"options": job.options.model_copy(update={"priority": None})})
 
 
 def choices_of(job: Job, n: int) -> list[Job]:
@@ -337,9 +348,12 @@ async def _check_before_queueing(jobs: list[Job], settings: Settings) -> None:
         if prompt in seen:
             continue  # the n choices of one prompt are one check
         seen.add(prompt)
-        problem = await asyncio.to_thread(_grammar_problem, job.options)
-        if problem is not None:
-            raise ApiError(400, problem, "invalid_request_error", None, _grammar_param(job))
+        if _needs_grammar(job.options):
+            problem = await asyncio.to_thread(_grammar_problem, job.options)
+            if problem is not None:
+                raise ApiError(400, problem, "invalid_request_error", None, _grammar_param(job))
+        if _surely_fits(job.messages, job.options, settings):
+            continue  # no need to count (a thread and the model's vocabulary) what fits
         counted = await asyncio.to_thread(_overflow, job.messages, job.options, settings)
         if counted is not None:
             tokens, limit = counted
@@ -373,9 +387,36 @@ def _grammar_param(job: Job) -> str:
     return "tools" if job.options.tools else "response_format"
 
 
+def _needs_grammar(options: GenerationOptions) -> bool:
+    """Whether the answer must follow a grammar (a response format, tools)."""
+    return options.response_format.type != "text" or bool(options.tools)
+
+
+# Template text per message (role markers, separators) counted at most this many tokens
+# in `_surely_fits`: far above any chat template's.
+TEMPLATE_TOKENS_PER_MESSAGE = 64
+
+
+def _surely_fits(
+    messages: Sequence[ChatMessage], options: GenerationOptions, settings: Settings
+) -> bool:
+    """Whether the prompt fits the context without counting its tokens: no byte-level
+    tokenizer makes more tokens than the text has UTF-8 bytes, so the bytes of every
+    message, the system prompt and the tools, plus a generous allowance per message for
+    the template, bound the count."""
+    from answer.engines import tokenizer
+
+    text = sum(len(m.content.encode()) + sum(len(c.arguments) + len(c.name) for c in m.tool_calls)
+               for m in messages)  # fmt: skip
+    tools = len(json.dumps([t.model_dump() for t in options.tools])) if options.tools else 0
+    bound = (text + len(settings.system_prompt.encode()) + tools
+             + TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 2))  # fmt: skip
+    return bound <= tokenizer.context_limit(options, settings)
+
+
 def _grammar_problem(options: GenerationOptions) -> str | None:
     """Why `options` cannot be enforced by a grammar, or None."""
-    if options.response_format.type == "text" and not options.tools:
+    if not _needs_grammar(options):
         return None
     from answer.engines.grammar import grammar_for
 

@@ -203,13 +203,14 @@ def test_a_caller_chooses_how_soon_and_metrics_count_each_priority(
 
     before = by_priority()
     ask = [{"role": "user", "content": "how soon?"}]
-    # The API's default, OpenAI's own service_tier ("flex": bulk), and our field.
+    # The API's default, OpenAI's own service_tier ("flex": bulk), and our field; an open
+    # API (no keys) may not ask to be interactive (it would pause everyone else's work).
     client.chat.completions.create(model="m", messages=ask)
     client.chat.completions.create(model="m", messages=ask, service_tier="flex")
     client.chat.completions.create(model="m", messages=ask,
                                    extra_body={"priority": "interactive"})  # fmt: skip
     after = by_priority()
-    assert {p: after[p] - before[p] for p in after} == {"interactive": 1, "normal": 1, "bulk": 1}
+    assert {p: after[p] - before[p] for p in after} == {"interactive": 0, "normal": 2, "bulk": 1}
     refused = httpx.post(f"{echo_web}/v1/chat/completions", timeout=30,
                          json={"messages": ask, "priority": "right now"})  # fmt: skip
     assert refused.status_code == 400 and "priority" in refused.text

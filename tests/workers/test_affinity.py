@@ -132,6 +132,10 @@ def test_a_worker_gone_or_without_room_is_passed_over(
     a_worker_holds(client, full, busy=3)
     submit(client_app, full, client=client)
     assert where(client, full) == ["inference.interactive"]
+    batch = turn("key-g", "Plan a trip.", "To Lima?", priority="bulk")
+    a_worker_holds(client, batch)  # bulk waits where any worker can take it
+    submit(client_app, batch, client=client)
+    assert where(client, batch) == ["inference\x06\x169"]
     gone = turn("key-c", "Plan a trip.", "To Oslo?")
     a_worker_holds(client, gone, beat=time.time() - 3600)
     submit(client_app, gone, client=client)
@@ -150,12 +154,21 @@ def test_a_job_sent_to_a_worker_that_died_is_sent_to_the_shared_queue(
     a_worker_holds(client, job)
     submit(client_app, job, client=client)
     assert where(client, job) == [worker_queue(HOST)]
-    # The worker is never seen again: two sweeps find the job nowhere it is expected.
-    resent: list[str] = []
-    for _ in range(2):
-        client.delete(LEDGER_LOCK_KEY)
-        resent += ledger.sweep(client_app, client, grace=0, recheck=0.0)
-    assert resent == [job.id]
+
+    def sweeps() -> list[str]:
+        resent: list[str] = []
+        for _ in range(2):
+            client.delete(LEDGER_LOCK_KEY)
+            resent += ledger.sweep(client_app, client, grace=30, recheck=0.0)
+        return resent
+
+    # Waiting in a live worker's own queue, it is not lost: nothing is sent again.
+    entry = json.loads(cast(bytes, client.hget(LEDGER_KEY, job.id)))
+    client.hset(LEDGER_KEY, job.id, json.dumps(dict(entry, at=time.time() - 60)))  # sweepable
+    assert sweeps() == []
+    # The worker is never seen again: the sweeps send the job to the shared queue.
+    client.zadd(INFERENCE_LIVE_KEY, {HOST: time.time() - 3600})
+    assert sweeps() == [job.id]
     assert "inference" in where(client, job)
 
 
