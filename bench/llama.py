@@ -340,11 +340,12 @@ def celery_vs_http(echo_base: str, n: int, rounds: int) -> tuple[list[float], li
     return celery, echo
 
 
-def in_process(model: str, threads: int, streams: int) -> list[float]:
+def in_process(model: str, threads: int, streams: int, gpu_layers: int = 0) -> list[float]:
     """llama-cpp-python called directly: decode tokens/s of `streams` 128-token completions."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, verbose=False)
+    llm = Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, n_gpu_layers=gpu_layers,
+                verbose=False)  # fmt: skip
     prompt = f"User: {STORY}\nAssistant:"
     llm.create_completion(prompt, max_tokens=4, temperature=0.0)  # warm up
     rates = []
@@ -416,7 +417,12 @@ def main() -> None:
     from kernel.model_files import resolve_model_path
     from kernel.settings import load_settings
 
-    model = str(resolve_model_path(load_settings()))
+    settings = load_settings()
+    model = str(resolve_model_path(settings))
+    # GPT4P_N_GPU_LAYERS offloads on all three sides (base_env drops the caller's GPT4P_*).
+    gpu = settings.n_gpu_layers
+    offload = {"n_gpu_layers": str(gpu)} if gpu is not None else None
+    ngl = ["-ngl", str(999 if gpu < 0 else gpu)] if gpu is not None else []
     binary = subprocess.run([str(ROOT / "scripts" / "install-llama-server")], check=True,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     ours: dict[str, list[float]] = {}
@@ -426,12 +432,15 @@ def main() -> None:
     # nothing, so the two take turns.
     with (
         tempfile.TemporaryDirectory() as tmp,
-        gpt4people(Path(tmp), args.threads, max(levels), model) as (base, redis_url),
+        gpt4people(Path(tmp), args.threads, max(levels), model, settings=offload) as (
+            base,
+            redis_url,
+        ),
     ):
         print(f"GPT4People at {base}", file=sys.stderr)
         template = same_prompt_template(Path(tmp) / "prompt.jinja", model)
         for n in levels:
-            with llama_server(binary, model, args.threads, n, template) as anchor_base:
+            with llama_server(binary, model, args.threads, n, template, ngl) as anchor_base:
                 streams = args.streams if n == min(levels) else 0
                 pair = measure_pair(base, anchor_base, n, args.tiny_n, streams, args.rounds)
             ours.update(pair[0])
@@ -440,7 +449,7 @@ def main() -> None:
         with bare_celery(Path(tmp), redis_url), echo_web(Path(tmp), redis_url) as echo_base:
             celery_samples, echo_http_samples = celery_vs_http(echo_base, args.queue_n,
                                                                args.rounds)  # fmt: skip
-    direct = in_process(model, args.threads, args.streams)
+    direct = in_process(model, args.threads, args.streams, gpu or 0)
     median = statistics.median
 
     rows = [("tiny (1-token answer), ms", "tiny_ms"), ("time to first token, ms", "ttft_ms"),
@@ -477,7 +486,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "llama.json").write_text(json.dumps(
         {"threads": args.threads, "rounds": args.rounds, "streams": args.streams,
-         "queue_n": args.queue_n, "rows": table},
+         "queue_n": args.queue_n, "n_gpu_layers": gpu, "rows": table},
         indent=2))  # fmt: skip
 
 
