@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -17,7 +16,6 @@ import pytest
 import redis
 from celery import Celery
 
-from gpt4people.redis_server import RedisServer
 from kernel.contract import ChatMessage, GenerationOptions, Job, Priority, model_queue, worker_queue
 from kernel.keys import (
     INFERENCE_BUSY_KEY,
@@ -27,42 +25,17 @@ from kernel.keys import (
     LEDGER_KEY,
     LEDGER_LOCK_KEY,
 )
-from kernel.settings import Settings
 from tests.conftest import (
     base_env,
-    emptied_database,
-    redis_url,
     start_worker,
     stop_process,
     wait_for,
 )
 from workers import affinity, ledger
-from workers.app import celery_for
 from workers.client import submit, wait_for_reply
 
-DB_AFFINITY = 31  # this module's database on the session's Redis
+DB = 31  # this module's database on the session's Redis
 HOST = "model@elsewhere"
-
-
-@pytest.fixture
-def affinity_url(redis_server: RedisServer) -> Iterator[str]:
-    url = redis_url(redis_server, DB_AFFINITY)
-    with emptied_database(url):
-        yield url
-
-
-@pytest.fixture
-def client(affinity_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(affinity_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def client_app(affinity_url: str) -> Iterator[Celery]:
-    app = celery_for(Settings(redis_url=affinity_url))
-    yield app
-    app.close()
 
 
 def turn(user: str, *texts: str, channel: str = "http", priority: Priority | None = None) -> Job:
@@ -174,9 +147,9 @@ def test_a_job_sent_to_a_worker_that_died_is_sent_to_the_shared_queue(
 
 @pytest.mark.model
 def test_a_batched_worker_answers_the_turns_of_the_conversations_it_holds(
-    client: redis.Redis, client_app: Celery, affinity_url: str, state_dir: Path
+    client: redis.Redis, client_app: Celery, db_url: str, state_dir: Path
 ) -> None:
-    env = base_env(state_dir, redis_url=affinity_url, engine="llama", n_ctx="1024",
+    env = base_env(state_dir, redis_url=db_url, engine="llama", n_ctx="1024",
                    parallel="2", priority_slots="1")  # fmt: skip
     worker = start_worker(env, "holder@test", timeout=180)
     try:

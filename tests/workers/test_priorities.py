@@ -9,7 +9,6 @@ a long bulk generation still starts a person's message at once, from its fast la
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import cast
@@ -18,37 +17,19 @@ import pytest
 import redis
 from celery import Celery
 
-from gpt4people.redis_server import RedisServer
 from kernel.contract import ChatMessage, GenerationOptions, Job, Priority
 from kernel.keys import PRIORITY_SEPARATOR, RESULT_KEY_PREFIX, UNACKED_KEY
 from kernel.metrics import indexed_queue_depths
-from kernel.settings import Settings, get_settings
+from kernel.settings import get_settings
 from tests.conftest import (
     base_env,
-    emptied_database,
-    redis_url,
     start_worker,
     stop_process,
     wait_for,
 )
-from workers.app import celery_for
 from workers.client import submit, wait_for_reply
 
-DB_PRIORITIES = 30  # this module's database on the session's Redis
-
-
-@pytest.fixture
-def priorities_url(redis_server: RedisServer) -> Iterator[str]:
-    url = redis_url(redis_server, DB_PRIORITIES)
-    with emptied_database(url):
-        yield url
-
-
-@pytest.fixture
-def client_app(priorities_url: str) -> Iterator[Celery]:
-    app = celery_for(Settings(redis_url=priorities_url))
-    yield app
-    app.close()
+DB = 30  # this module's database on the session's Redis
 
 
 def job(channel: str, user: str, text: str = "hello", priority: Priority | None = None,
@@ -65,8 +46,8 @@ def queued_ids(client: redis.Redis, key: str) -> list[str]:
 
 
 def test_each_job_waits_in_the_queue_of_its_priority(client_app: Celery,
-                                                     priorities_url: str) -> None:  # fmt: skip
-    client = redis.Redis.from_url(priorities_url)
+                                                     db_url: str) -> None:  # fmt: skip
+    client = redis.Redis.from_url(db_url)
     sms, api = job("sms", "+15550001"), job("http", "key-a")
     batch, urgent = (
         job("http", "key-b", priority="bulk"),
@@ -86,10 +67,10 @@ def test_each_job_waits_in_the_queue_of_its_priority(client_app: Celery,
 
 
 def test_a_sender_over_their_fair_share_waits_behind_everyone_else(
-    client_app: Celery, priorities_url: str, state_dir: Path
+    client_app: Celery, db_url: str, state_dir: Path
 ) -> None:
     cap = get_settings().sender_slots
-    client = redis.Redis.from_url(priorities_url)
+    client = redis.Redis.from_url(db_url)
     flood = [job("sms", "+15550002", f"message {i}") for i in range(cap + 2)]
     for each in flood:
         submit(client_app, each, client=client)
@@ -102,7 +83,7 @@ def test_a_sender_over_their_fair_share_waits_behind_everyone_else(
     assert not [k for k in cast(list[bytes], client.keys("*")) if b"15550002" in k]
 
     # One job at a time: the worker answers the other sender before the flood's surplus.
-    env = base_env(state_dir, redis_url=priorities_url, engine="echo", worker_concurrency="1")
+    env = base_env(state_dir, redis_url=db_url, engine="echo", worker_concurrency="1")
     worker = start_worker(env, "fair@test")
     try:
         order = [*flood, other]
@@ -128,12 +109,12 @@ def _done_at(client: redis.Redis, job_id: str) -> datetime | None:
 
 @pytest.mark.model
 def test_a_persons_message_starts_at_once_while_bulk_work_fills_every_slot(
-    client_app: Celery, priorities_url: str, state_dir: Path
+    client_app: Celery, db_url: str, state_dir: Path
 ) -> None:
-    env = base_env(state_dir, redis_url=priorities_url, engine="llama", n_ctx="1024",
+    env = base_env(state_dir, redis_url=db_url, engine="llama", n_ctx="1024",
                    parallel="2", priority_slots="1")  # fmt: skip
     worker = start_worker(env, "lane@test", timeout=180)
-    client = redis.Redis.from_url(priorities_url)
+    client = redis.Redis.from_url(db_url)
     try:
         story = "Write a long story about the sea."
         bulk = [job("http", f"key-{i}", story, "bulk", max_tokens=200, ignore_eos=True,
