@@ -9,7 +9,8 @@ import redis
 
 from kernel.channels import CHANNELS
 from kernel.contract import INFERENCE_QUEUE
-from kernel.keys import PRIORITY_SEPARATOR, queue_keys
+from kernel.keys import PRIORITY_SEPARATOR
+from kernel.metrics import queue_depths_of
 from kernel.model_files import model_label
 from kernel.redis_client import redis_client, resolve_redis_url
 from kernel.redis_urls import redact_text, redact_url
@@ -25,11 +26,7 @@ def queue_depths(client: redis.Redis) -> dict[str, int]:
         # A queue's bulk jobs wait in a list of their own, <queue><separator>9.
         names.update(key.decode().partition(PRIORITY_SEPARATOR)[0]
                      for key in client.scan_iter(match=pattern, count=200))  # fmt: skip
-    return {
-        name: sum(int(cast(int, client.llen(key))) for key in queue_keys(name))
-        for name in sorted(names)
-        if name == INFERENCE_QUEUE or client.type(name) in {b"list", b"none"}
-    }
+    return queue_depths_of(client, names)
 
 
 def channel_report(settings: Settings, queues: dict[str, int] | None) -> dict[str, Any]:

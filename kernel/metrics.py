@@ -207,9 +207,14 @@ class RedisCollector(Collector):
 def indexed_queue_depths(client: redis.Redis) -> dict[str, int]:
     """Jobs waiting in the queues every deployment has and in the indexed ones (no SCAN)."""
     fixed = {INFERENCE_QUEUE, *(c.delivery_queue for c in delivered_channels())}
-    names = sorted(
-        fixed | {n.decode() for n in cast(set[bytes], client.smembers(METRICS_QUEUES_KEY))}
-    )
+    names = fixed | {n.decode() for n in cast(set[bytes], client.smembers(METRICS_QUEUES_KEY))}
+    return queue_depths_of(client, names)
+
+
+def queue_depths_of(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Jobs waiting in each of `queues` (sorted by name), in one round trip; a name that is
+    not a list is no queue and left out."""
+    names = sorted(set(queues))
     pipe = client.pipeline(transaction=False)
     for name in names:
         for key in queue_keys(name):  # bulk jobs wait in a list of their own (priority 9)

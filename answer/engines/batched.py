@@ -536,21 +536,18 @@ class BatchedLlamaEngine:
         if not active:
             return
         urgent = [s for s in active if s.request is not None and s.request.urgent]
-        # A job paused MAX_PAUSE_S in all runs beside the interactive ones from then on.
-        overdue = [s for s in active if s.request is not None and not s.request.urgent
-                   and s.request.paused_s >= MAX_PAUSE_S]  # fmt: skip
-        paused = [s.request for s in active if s.request is not None and not s.request.urgent
-                  and s.request.paused_s < MAX_PAUSE_S]  # fmt: skip
+        # The others wait, but a job paused MAX_PAUSE_S in all runs beside urgent ones.
+        others = [s for s in active if s.request is not None and not s.request.urgent]
+        waiting = [s for s in others if s.request is not None and s.request.paused_s < MAX_PAUSE_S]
+        running, paused = active, []
         if urgent:
             self._urgent_until = now + PAUSE_AFTER_INTERACTIVE_S
+            running, paused = urgent + [s for s in others if s not in waiting], waiting
         elif now < self._urgent_until:
             # A person's answer is on its way out: give it the cores a moment longer.
             time.sleep(min(self._urgent_until - now, 0.005))
-            self._paused(paused, time.monotonic() - now)
+            self._paused(waiting, time.monotonic() - now)
             return
-        else:
-            paused = []
-        running = urgent + overdue if urgent else active
         batch, n = self._batch, 0
         added: list[tuple[_Slot, list[int]]] = []
         for slot in running:  # one token for every generating job first
@@ -581,11 +578,13 @@ class BatchedLlamaEngine:
         self._paused(paused, time.monotonic() - now)
 
     @staticmethod
-    def _paused(requests: list[_Request], spent: float) -> None:
-        """`requests` waited `spent` seconds for interactive jobs: their time limit stops."""
-        for request in requests:
-            request.paused_s += spent
-            request.deadline = min(request.deadline + spent, request.latest)
+    def _paused(slots: list[_Slot], spent: float) -> None:
+        """The jobs of `slots` waited `spent` seconds for interactive ones: their time
+        limit stops."""
+        for slot in slots:
+            if slot.request is not None:
+                slot.request.paused_s += spent
+                slot.request.deadline = min(slot.request.deadline + spent, slot.request.latest)
 
     def _add(self, batch: Any, n: int, slot: _Slot, tokens: list[int], logits: bool) -> int:
         pos = len(slot.cached)
