@@ -22,6 +22,7 @@ from typing import TypeVar, cast
 import httpx
 import pytest
 import redis
+from celery import Celery
 
 from gpt4people.redis_server import RedisServer, free_port
 from kernel.contract import INFERENCE_QUEUE, interactive_queue
@@ -108,6 +109,29 @@ def redis_url(server: RedisServer, db: int) -> str:
     """The URL of database `db` on `server`, with its password."""
     # Built from `server.url` (database 0), which every version of RedisServer has.
     return f"{server.url.rsplit('/', 1)[0]}/{db}"
+
+
+@pytest.fixture
+def db_url(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The database named by the test module's `DB` on the session's Redis, emptied (with
+    `client`, a client of it, and `client_app`, a client-side Celery app on it)."""
+    url = redis_url(redis_server, request.module.DB)
+    with emptied_database(url):
+        yield url
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(db_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client_app(db_url: str) -> Iterator[Celery]:
+    app = celery_for(Settings(redis_url=db_url))
+    yield app
+    app.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import redis
 from celery import Celery
 from celery.signals import task_postrun
 
-from gpt4people.redis_server import RedisServer
 from kernel.contract import (
     INFERENCE_QUEUE,
     INFERENCE_TASK,
@@ -40,42 +38,22 @@ from kernel.keys import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
 )
-from kernel.settings import Settings
 from tests.conftest import (
     base_env,
-    emptied_database,
-    redis_url,
     start_worker,
     stop_process,
     wait_for,
 )
 from workers import ledger
-from workers.app import celery_for
 from workers.client import IDEMPOTENCY_TTL_S, submit
 from workers.recovery import reap_once, record_owner
 
-DB_LEDGER = 12
+DB = 12  # this module's database on the session's Redis (db_url)
 
 
 @pytest.fixture
-def ledger_url(redis_server: RedisServer) -> Iterator[str]:
-    url = redis_url(redis_server, DB_LEDGER)
-    with emptied_database(url):
-        yield url
-
-
-@pytest.fixture
-def client(ledger_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(ledger_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def app(ledger_url: str) -> Iterator[Celery]:
-    app = celery_for(Settings(redis_url=ledger_url))
-    yield app
-    app.close()
+def app(client_app: Celery) -> Celery:
+    return client_app
 
 
 def job(text: str = "hello", **fields: str) -> Job:
@@ -246,11 +224,11 @@ def answered(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
 
 
 def test_a_worker_answers_a_job_that_redis_lost(
-    app: Celery, client: redis.Redis, ledger_url: str, tmp_path: Path
+    app: Celery, client: redis.Redis, db_url: str, tmp_path: Path
 ) -> None:
     job_id = send(app, client, job("are you there?"))
     lose(client)  # nobody has it: not queued, not held
-    env = base_env(tmp_path, redis_url=ledger_url, engine="echo", worker_heartbeat_ttl="1")
+    env = base_env(tmp_path, redis_url=db_url, engine="echo", worker_heartbeat_ttl="1")
     worker = start_worker(env, "ledger@test")
     try:
         meta = wait_for(lambda: answered(client, job_id), 30, "the answer")
